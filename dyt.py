@@ -1,0 +1,281 @@
+"""
+Dynamic Tanh (DyT) and the layers it is compared with.
+
+    DyT(x) = gamma * tanh(alpha * x) + beta
+
+from "Transformers without Normalization" (Zhu, Chen, He, LeCun, Liu, 2025). `alpha` is one
+learnable scalar (init `alpha0`, 0.5 by default); `gamma` and `beta` are per-channel, like the
+affine of the norm that DyT replaces. Unlike a norm, DyT computes no statistics: it is
+element-wise, so it costs one pass over the activations.
+
+This file holds
+  - DyT itself (the plain PyTorch definition; on CUDA it calls the fused Triton kernel from
+    kernel.py, which computes exactly the same function),
+  - DynamicSquash: the same layer with another squashing function or alpha shape, for the
+    ablations of the DyT paper (Tables 8-9) and of the ViT study (Table 5, section 5),
+  - make_norm(name, dim, alpha0): one factory for every layer, used by the models and by
+    the trainers' `--norm NAME`,
+  - convert_to_dyt(model): swap every LayerNorm/RMSNorm of any model for DyT.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DyT(nn.Module):
+    """gamma * tanh(alpha * x) + beta over the channel dimension.
+
+    channels_last=True: x is [..., C] (tokens). channels_last=False: x is [B, C, *spatial]
+    (conv nets). bias=False drops beta (the official LLaMA variant has none).
+    `weight` is gamma and `bias` is beta: the names of the norm DyT replaces, so that code
+    which treats a norm's affine specially (weight decay, copying a checkpoint) still works.
+    """
+
+    def __init__(self, dim, alpha0=0.5, channels_last=True, bias=True):
+        super().__init__()
+        self.dim, self.alpha0, self.channels_last = dim, alpha0, channels_last
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+        self.use_kernel = True  # set False to force the plain PyTorch path (benchmarks, tests)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.constant_(self.alpha, self.alpha0)
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        if self.use_kernel and self.channels_last and x.is_cuda:
+            import kernel  # the fused Triton kernel: same function, one pass over memory
+            return kernel.dyt(x, self.alpha, self.weight, self.bias)
+        return dyt_reference(x, self.alpha, self.weight, self.bias, self.channels_last)
+
+    def extra_repr(self):
+        return (f"{self.dim}, alpha0={self.alpha0}, channels_last={self.channels_last}, "
+                f"bias={self.bias is not None}")
+
+
+def dyt_reference(x, alpha, weight, bias=None, channels_last=True):
+    """The definition, in plain PyTorch. alpha is a scalar ([1]) or per channel ([C])."""
+    if not channels_last:  # [B, C, H, W]: broadcast the per-channel tensors over the spatial dims
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        alpha = alpha.view(shape) if alpha.numel() > 1 else alpha
+        weight = weight.view(shape)
+        bias = bias.view(shape) if bias is not None else None
+    y = weight * torch.tanh(alpha * x)
+    return y + bias if bias is not None else y
+
+
+# ---------------------------------------------------------------------------------------------
+# The ablations: other squashing functions, no alpha, per-channel alpha.
+# Each maps alpha*x to a bounded range (except `identity`, which the DyT paper shows diverges).
+
+def _gelu_clip(x):
+    # DyGC: GELU clipped from above at 1 (GELU is already bounded below, by about -0.17).
+    return F.gelu(x).clamp(max=1.0)
+
+
+def _rational(x):
+    # DyPR: the [3/2] Pade approximant of tanh, x(15 + x^2) / (15 + 6x^2), clipped to [-1, 1]
+    # (the rational function alone grows like x/6 for large |x|; it first reaches 1 near 2.9).
+    x2 = x * x
+    return (x * (15 + x2) / (15 + 6 * x2)).clamp(-1.0, 1.0)
+
+
+SQUASH = {
+    "tanh": torch.tanh,                          # DyT
+    "hardtanh": F.hardtanh,                      # clip to [-1, 1], piecewise linear
+    "sigmoid": torch.sigmoid,                    # DyS: range (0, 1), not zero-centred
+    "softsign": F.softsign,                      # DySs: x / (1 + |x|)
+    "arctan": torch.atan,                        # DyA: range (-pi/2, pi/2)
+    "clamp": lambda x: x.clamp(-1.0, 1.0),       # DyCL: the same function as hardtanh, kept
+                                                 # under the ViT study's name for its table
+    "gelu_clip": _gelu_clip,                     # DyGC
+    "rational": _rational,                       # DyPR
+    "identity": lambda x: x,                     # alpha * x: no squashing (diverges)
+}
+
+
+class DynamicSquash(nn.Module):
+    """gamma * f(alpha * x) + beta for any f in SQUASH; DyT is f = tanh.
+
+    alpha: "scalar" (the paper), "channel" (one alpha per channel, the ViT study's section 5)
+    or "none" (f(x) with no alpha at all, the DyT paper's Table 9).
+    """
+
+    def __init__(self, dim, squash="tanh", alpha0=0.5, alpha="scalar", channels_last=True,
+                 bias=True):
+        super().__init__()
+        if squash not in SQUASH:
+            raise ValueError(f"unknown squash {squash!r}; choose one of {', '.join(SQUASH)}")
+        if alpha not in ("scalar", "channel", "none"):
+            raise ValueError(f"unknown alpha {alpha!r}; choose scalar, channel or none")
+        self.dim, self.squash, self.alpha0, self.alpha_kind = dim, squash, alpha0, alpha
+        self.channels_last = channels_last
+        self.fn = SQUASH[squash]
+        n_alpha = {"scalar": 1, "channel": dim, "none": 0}[alpha]
+        self.alpha = nn.Parameter(torch.empty(n_alpha)) if n_alpha else None
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.alpha is not None:
+            nn.init.constant_(self.alpha, self.alpha0)
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        shape = (-1,) if self.channels_last else (-1,) + (1,) * (x.dim() - 2)
+        if self.alpha is not None:
+            x = (self.alpha.view(shape) if self.alpha.numel() > 1 else self.alpha) * x
+        y = self.weight.view(shape) * self.fn(x)
+        return y + self.bias.view(shape) if self.bias is not None else y
+
+    def extra_repr(self):
+        return (f"{self.dim}, squash={self.squash}, alpha={self.alpha_kind}, alpha0={self.alpha0}, "
+                f"channels_last={self.channels_last}, bias={self.bias is not None}")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a [B, C, H, W] tensor (ConvNeXt-style channels-first)."""
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class RMSNorm2d(nn.RMSNorm):
+    """RMSNorm over the channels of a [B, C, H, W] tensor."""
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One factory for every layer: what `--norm NAME` means.
+
+NORMS = {
+    # normalisations
+    "ln": "LayerNorm",
+    "rms": "RMSNorm",
+    "identity": "no normalisation at all (nn.Identity)",
+    # DyT and its squashing-function variants, all with a learnable scalar alpha
+    "dyt": "gamma * tanh(alpha x) + beta",
+    "hardtanh": "gamma * hardtanh(alpha x) + beta",
+    "sigmoid": "DyS: gamma * sigmoid(alpha x) + beta",
+    "softsign": "DySs: gamma * softsign(alpha x) + beta",
+    "arctan": "DyA: gamma * arctan(alpha x) + beta",
+    "clamp": "DyCL: gamma * clamp(alpha x, -1, 1) + beta",
+    "gelu_clip": "DyGC: gamma * min(gelu(alpha x), 1) + beta",
+    "rational": "DyPR: gamma * pade_tanh(alpha x) + beta",
+    "dyt_identity": "gamma * alpha x + beta (no squashing; diverges)",
+    # alpha variants of DyT
+    "dyt_noalpha": "gamma * tanh(x) + beta (DyT paper Table 9)",
+    "dyt_channel": "gamma * tanh(alpha_c x) + beta, one alpha per channel (ViT study sec. 5)",
+}
+
+
+def make_norm(name, dim, alpha0=0.5, channels_last=True, bias=True, eps=1e-6):
+    """The layer called `name` (a key of NORMS) over `dim` channels.
+
+    alpha0 is ignored by the norms; bias=False drops LayerNorm's and DyT's beta; eps is the
+    norms' epsilon.
+    """
+    if name == "ln":
+        return (nn.LayerNorm if channels_last else LayerNorm2d)(dim, eps=eps, bias=bias)
+    if name == "rms":
+        return (nn.RMSNorm if channels_last else RMSNorm2d)(dim, eps=eps)
+    if name == "identity":
+        return nn.Identity()
+    if name == "dyt":
+        return DyT(dim, alpha0, channels_last, bias)
+    if name == "dyt_identity":
+        return DynamicSquash(dim, "identity", alpha0, "scalar", channels_last, bias)
+    if name == "dyt_noalpha":
+        return DynamicSquash(dim, "tanh", alpha0, "none", channels_last, bias)
+    if name == "dyt_channel":
+        return DynamicSquash(dim, "tanh", alpha0, "channel", channels_last, bias)
+    if name in SQUASH:
+        return DynamicSquash(dim, name, alpha0, "scalar", channels_last, bias)
+    raise ValueError(f"unknown norm {name!r}; choose one of {', '.join(NORMS)}")
+
+
+def is_dynamic(module):
+    """True for DyT and its variants (the layers with an alpha, a gamma and a beta)."""
+    return isinstance(module, (DyT, DynamicSquash))
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting an existing model.
+
+def _norm_kind(module):
+    """'ln' / 'rms' and channels_last for a normalisation layer from any library, else None.
+
+    Matches torch's nn.LayerNorm / nn.RMSNorm and, by class name, the norms that other
+    libraries define themselves (timm's LayerNorm2d, Hugging Face's LlamaRMSNorm, T5LayerNorm
+    which is an RMSNorm, ...). A '2d' in the name means channels-first.
+    """
+    if isinstance(module, nn.LayerNorm):
+        return "ln", not isinstance(module, LayerNorm2d)
+    if isinstance(module, nn.RMSNorm):
+        return "rms", not isinstance(module, RMSNorm2d)
+    cls = type(module).__name__.lower()
+    if "rmsnorm" in cls or cls == "t5layernorm":
+        return "rms", "2d" not in cls
+    if "layernorm" in cls:
+        return "ln", "2d" not in cls
+    return None
+
+
+def _norm_dim(module):
+    shape = getattr(module, "normalized_shape", None)
+    if shape is not None:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if len(shape) != 1:
+            raise ValueError(f"{type(module).__name__} normalises over {shape}; DyT replaces "
+                             "norms over one (channel) dimension only")
+        return shape[0]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.shape[0]
+    raise ValueError(f"cannot tell the channel count of {type(module).__name__}; give it a "
+                     "1-d `weight` or `normalized_shape`")
+
+
+def convert_to_dyt(model, alpha0=0.5, name="dyt", copy_affine=True):
+    """Replace every LayerNorm/RMSNorm inside `model` by `make_norm(name, dim, alpha0)`, in place.
+
+    Everything else in the model stays as it was. alpha0 may be a number or a function of the
+    dotted module name (e.g. a larger alpha0 for the norms before attention). With
+    copy_affine, a norm's weight (and bias) become DyT's gamma (and beta), on the norm's device
+    and dtype, so a pretrained model keeps its affine. DyT keeps a beta only where the norm
+    had one. Returns the model and the number of layers replaced.
+    """
+    count = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            kind = _norm_kind(child)
+            if kind is None:
+                continue
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            a0 = alpha0(full_name) if callable(alpha0) else alpha0
+            old_weight = getattr(child, "weight", None)
+            old_bias = getattr(child, "bias", None)
+            has_bias = isinstance(old_bias, torch.Tensor)
+            new = make_norm(name, _norm_dim(child), a0, channels_last=kind[1], bias=has_bias)
+            if isinstance(old_weight, torch.Tensor):
+                new.to(device=old_weight.device, dtype=old_weight.dtype)
+                if copy_affine and hasattr(new, "weight"):
+                    with torch.no_grad():
+                        new.weight.copy_(old_weight)
+                        if has_bias and getattr(new, "bias", None) is not None:
+                            new.bias.copy_(old_bias)
+            setattr(parent, child_name, new)
+            count += 1
+    return model, count
