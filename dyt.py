@@ -221,15 +221,12 @@ def _norm_kind(module):
     libraries define themselves (timm's LayerNorm2d, Hugging Face's LlamaRMSNorm, T5LayerNorm
     which is an RMSNorm, ...). A '2d' in the name means channels-first.
     """
-    if isinstance(module, nn.LayerNorm):
-        return "ln", not isinstance(module, LayerNorm2d)
-    if isinstance(module, nn.RMSNorm):
-        return "rms", not isinstance(module, RMSNorm2d)
     cls = type(module).__name__.lower()
-    if "rmsnorm" in cls or cls == "t5layernorm":
-        return "rms", "2d" not in cls
-    if "layernorm" in cls:
-        return "ln", "2d" not in cls
+    channels_last = "2d" not in cls
+    if isinstance(module, nn.RMSNorm) or "rmsnorm" in cls or cls == "t5layernorm":
+        return "rms", channels_last
+    if isinstance(module, nn.LayerNorm) or "layernorm" in cls:
+        return "ln", channels_last
     return None
 
 

@@ -1,0 +1,192 @@
+"""model.py: parameter counts, causality, RoPE, GQA, DyT wiring, meta-device presets."""
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyt import DyT
+from model import (GPT, GPTConfig, ViT, alpha0_for_width, apply_rope, dyt_layers, gpt_config,
+                   num_params, param_groups, rope_tables, vit_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("vit_tiny", 5_717_416), ("vit_small", 22_050_664), ("vit_base", 86_567_656),
+    ("vit_large", 304_326_632)])
+def test_vit_parameter_counts_equal_timm(preset, expected):
+    with torch.device("meta"):
+        model = ViT(vit_config(preset))
+    assert num_params(model) == expected
+
+
+def test_vit_dyt_adds_one_alpha_per_norm_and_runs():
+    cfg = dict(img_size=32, patch_size=8, num_classes=10, dim=48, depth=2, heads=3)
+    ln, dyt = ViT(vit_config("vit_tiny", **cfg)), ViT(vit_config("vit_tiny", **cfg, norm="dyt"))
+    assert num_params(dyt) - num_params(ln) == 2 * 2 + 1
+    assert len(dyt_layers(dyt)) == 5 and all(m.alpha.item() == 0.5 for _, m in dyt_layers(dyt))
+    for pool in ("cls", "avg"):
+        model = ViT(vit_config("vit_tiny", **cfg, norm="dyt", pool=pool, drop_path=0.1))
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("preset,expected", [("llama7b", 6_738_415_616), ("llama13b", 13_015_864_320),
+                                             ("llama70b", 68_976_648_192)])
+def test_llama_parameter_counts(preset, expected):
+    with torch.device("meta"):
+        model = GPT(gpt_config(preset, norm="rms"))
+    assert num_params(model) == expected
+
+
+def test_meta_build_of_70b_allocates_nothing_and_is_fast():
+    start = time.time()
+    out = subprocess.run([sys.executable, "model.py", "--preset", "llama70b", "--norm", "dyt"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "alpha0 (attention, other): (0.2, 0.05)" in out.stdout
+    # RMSNorm's 68,976,648,192 plus one alpha per DyT (2 per layer + final) and the emb scale
+    assert f"parameters: {68_976_648_192 + 2 * 80 + 1 + 1:,}" in out.stdout
+    assert time.time() - start < 60
+    with torch.device("meta"):
+        model = GPT(gpt_config("llama70b", norm="dyt"))
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_unknown_preset_is_one_line_error():
+    out = subprocess.run([sys.executable, "model.py", "--preset", "llama8b"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "unknown preset 'llama8b'; choose one of nano" in out.stderr
+    with pytest.raises(ValueError, match="unknown GPT preset 'x'; choose one of nano"):
+        gpt_config("x")
+
+
+def test_alpha0_width_table_and_interpolation():
+    assert alpha0_for_width(1024) == (1.0, 1.0)
+    assert alpha0_for_width(2048) == (1.0, 0.5)
+    assert alpha0_for_width(4096) == (0.8, 0.2)
+    assert alpha0_for_width(8192) == (0.2, 0.05)
+    assert alpha0_for_width(256) == (1.0, 1.0) and alpha0_for_width(16384) == (0.2, 0.05)
+    attn, other = alpha0_for_width(5120)  # the paper's 13B used 0.6 / 0.15
+    assert attn == pytest.approx(0.6, abs=0.01) and other == pytest.approx(0.15, abs=0.005)
+    a, o = alpha0_for_width(2 ** 11.5)  # halfway in log2 between 2048 and 4096
+    assert a == pytest.approx(0.9) and o == pytest.approx(0.35)
+
+
+def small_gpt(**kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
+                              dim=32, norm="dyt"), **kw})
+    return GPT(cfg).eval()
+
+
+def test_gpt_dyt_wiring():
+    model = small_gpt(dim=2048, n_head=16, n_kv_head=16, n_layer=1, vocab_size=10)
+    assert model.emb_scale.item() == pytest.approx(math.sqrt(2048))
+    assert isinstance(model.blocks[0].attn_norm, DyT) and model.blocks[0].attn_norm.bias is None
+    assert model.blocks[0].attn_norm.alpha.item() == 1.0
+    assert model.blocks[0].mlp_norm.alpha.item() == 0.5 and model.norm.alpha.item() == 0.5
+    explicit = small_gpt(alpha0_attn=0.3, alpha0_other=0.1)
+    assert explicit.blocks[1].attn_norm.alpha.item() == pytest.approx(0.3)
+    assert explicit.norm.alpha.item() == pytest.approx(0.1)
+    assert small_gpt(norm="rms").emb_scale is None
+
+
+def test_param_groups_exclude_norms_biases_and_scales():
+    model = small_gpt()
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "emb_scale" in no_decay_names and "norm.alpha" in no_decay_names
+    assert "blocks.0.attn_norm.weight" in no_decay_names
+    assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 + 2 * 7
+    vit = ViT(vit_config("vit_tiny", img_size=32, patch_size=8, dim=24, depth=1, heads=2))
+    _, vit_no_decay = param_groups(vit, 0.05)
+    vit_names = {id(p): n for n, p in vit.named_parameters()}
+    assert {"pos_embed", "cls_token", "head.bias"} <= {vit_names[id(p)] for p in vit_no_decay["params"]}
+
+
+@pytest.mark.parametrize("norm", ["rms", "dyt"])
+def test_gpt_is_causal(norm):
+    model = small_gpt(norm=norm)
+    idx = torch.randint(0, 50, (2, 20))
+    changed = idx.clone()
+    t = 11
+    changed[:, t] = (idx[:, t] + 1) % 50
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4
+
+
+def test_rope_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    head_dim = 16
+    cos, sin = rope_tables(head_dim, 64, 10000.0)
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+
+    def score(m, n):  # rotate q to position m and k to position n
+        qm = apply_rope(q.view(1, 1, 1, -1), cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rope(k.view(1, 1, 1, -1), cos[n:n + 1], sin[n:n + 1])
+        return (qm * kn).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(40, 37), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+    # a rotation keeps the norm
+    rotated = apply_rope(q.view(1, 1, 1, -1), cos[7:8], sin[7:8])
+    assert rotated.norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    gqa = small_gpt(n_head=4, n_kv_head=2)
+    full = small_gpt(n_head=4, n_kv_head=4)
+    head_dim = 8
+    with torch.no_grad():  # copy gqa's weights into full, repeating each kv head twice
+        full.load_state_dict({k: v for k, v in gqa.state_dict().items() if ".wk." not in k and ".wv." not in k},
+                             strict=False)
+        for bg, bf in zip(gqa.blocks, full.blocks):
+            for name in ("wk", "wv"):
+                w = getattr(bg.attn, name).weight.view(2, head_dim, -1)
+                getattr(bf.attn, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(4 * head_dim, -1))
+    assert gqa.blocks[0].attn.wk.weight.shape == (16, 32)
+    idx = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx)[0], full(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_loss_sum_reduction_and_ignore_index():
+    model = small_gpt()
+    idx = torch.randint(0, 50, (2, 10))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -1
+    _, mean = model(idx, targets)
+    _, total = model(idx, targets, reduction="sum")
+    torch.testing.assert_close(total / 18, mean)
+
+
+def test_generate_greedy_and_top_k():
+    model = small_gpt()
+    idx = torch.randint(0, 50, (2, 5))
+    out = model.generate(idx, 40, temperature=0)  # past block_size: the context is cropped
+    assert out.shape == (2, 45) and torch.equal(out[:, :5], idx)
+    torch.manual_seed(0)
+    sampled = model.generate(idx, 10, temperature=1.0, top_k=1)
+    torch.testing.assert_close(sampled, model.generate(idx, 10, temperature=0))
+
+
+def test_meta_model_materialises_with_init_weights():
+    cfg = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_kv_head=1, dim=16, norm="dyt")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.emb_scale.item() == pytest.approx(4.0)
+    assert model.rope_cos.shape == (16, 4)
+    logits, loss = model(torch.randint(0, 40, (1, 16)), torch.randint(0, 40, (1, 16)))
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(40)) < 1.0
