@@ -82,7 +82,7 @@ def _tanh(z, MODE: tl.constexpr):
     if MODE == 1:
         t = libdevice.tanh(z)
     elif MODE == 2:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32,
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32,
                                       is_pure=True, pack=1)
     else:
         a = tl.abs(z)

@@ -361,6 +361,9 @@ def test_available_and_argument_checks():
         kernel.dyt(x, torch.ones(2), torch.ones(3))
     with pytest.raises(ValueError):
         kernel.dyt(x, torch.ones(1), torch.ones(3), torch.ones(2))
+    a0 = torch.tensor(0.5, requires_grad=True)  # a 0-d alpha works like [1]
+    kernel.dyt(x, a0, torch.ones(3)).sum().backward()
+    assert a0.grad.shape == () and torch.isfinite(a0.grad)
     with pytest.raises(TypeError):
         kernel.dyt(x.double(), torch.ones(1), torch.ones(3))
 
