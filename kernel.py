@@ -36,6 +36,7 @@ Design, for memory bandwidth (DyT is element-wise; the floor is reading x and wr
             partial layout (and with it the summation order) never changes between runs.
 """
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -330,6 +331,14 @@ def _check(x, alpha, weight, bias):
         raise ValueError(f"dyt: bias must have shape [{C}], got {tuple(bias.shape)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"dyt: unsupported dtype {x.dtype}")
+    for name, p in (("alpha", alpha), ("weight", weight), ("bias", bias)):
+        if p is not None and p.device != x.device:
+            raise ValueError(f"dyt: {name} is on {p.device}, x on {x.device}")
+
+
+def _on_device(x):
+    # Triton launches on the current CUDA device: make that x's device (multi-GPU processes).
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +357,11 @@ def _dyt_fwd(x: Tensor, alpha: Tensor, weight: Tensor, bias: Optional[Tensor]) -
     block_m, block_c, num_warps = _fwd_blocks(M, C, x2.element_size())
     n_cblocks = triton.cdiv(C, block_c)
     grid = (triton.cdiv(M, block_m) * n_cblocks,)
-    _dyt_fwd_kernel[grid](
-        x2, y, alpha, weight, bias_, M, C, n_cblocks,
-        ALPHA_PER_CHANNEL=alpha.numel() > 1, HAS_BIAS=bias is not None,
-        TANH_MODE=_tanh_mode(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+    with _on_device(x):
+        _dyt_fwd_kernel[grid](
+            x2, y, alpha, weight, bias_, M, C, n_cblocks,
+            ALPHA_PER_CHANNEL=alpha.numel() > 1, HAS_BIAS=bias is not None,
+            TANH_MODE=_tanh_mode(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
     return y.view(x.shape)
 
 
@@ -387,17 +397,18 @@ def _dyt_bwd(dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor,
     part_gamma = torch.empty((G, C), **f32)
     part_beta = torch.empty((G, C), **f32) if has_bias else part_gamma  # dummy when unused
     part_alpha = torch.empty((G, C) if per_channel else (G,), **f32)
-    _dyt_bwd_kernel[(G,)](
-        x2, dy2, dx, alpha, weight, part_gamma, part_beta, part_alpha, M, C, rows_per_prog,
-        ALPHA_PER_CHANNEL=per_channel, HAS_BIAS=has_bias, TANH_MODE=_tanh_mode(x.dtype),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
-
+    # the reduce kernel's blocks are fixed too: its summation order is part of the bits
     red_block_c = min(_next_pow2(C), 256)
-    red_block_g = min(_next_pow2(G), 32)
-    _dyt_bwd_reduce_kernel[(triton.cdiv(C, red_block_c),)](
-        part_gamma, part_beta, part_alpha, dweight, dbias if has_bias else dweight, dalpha, G, C,
-        ALPHA_PER_CHANNEL=per_channel, HAS_BIAS=has_bias,
-        BLOCK_G=red_block_g, BLOCK_C=red_block_c, num_warps=4)
+    red_block_g = min(_next_pow2(G), 8)
+    with _on_device(x):
+        _dyt_bwd_kernel[(G,)](
+            x2, dy2, dx, alpha, weight, part_gamma, part_beta, part_alpha, M, C, rows_per_prog,
+            ALPHA_PER_CHANNEL=per_channel, HAS_BIAS=has_bias, TANH_MODE=_tanh_mode(x.dtype),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+        _dyt_bwd_reduce_kernel[(triton.cdiv(C, red_block_c),)](
+            part_gamma, part_beta, part_alpha, dweight, dbias if has_bias else dweight, dalpha,
+            G, C, ALPHA_PER_CHANNEL=per_channel, HAS_BIAS=has_bias,
+            BLOCK_G=red_block_g, BLOCK_C=red_block_c, num_warps=4)
     return dx.view(x.shape), dalpha, dweight, dbias
 
 
