@@ -70,12 +70,13 @@ _TANH_PORTABLE, _TANH_LIBDEVICE, _TANH_APPROX = 0, 1, 2
 # Near 0 (where most DyT inputs sit) tanh(z) ~ z, and an absolute error of one fp32 ulp of 1.0
 # would be a huge relative error. So:
 #   |z| <  0.5: the Taylor series  tanh z = z + z^3 * P(z^2),  P(z^2) = -1/3 + 2/15 z^2 - ...
-#               Terms up to z^17 are kept; the first dropped one is < 1e-9 relative at |z| = 0.5.
+#               Terms up to z^17 are kept; the first dropped one is ~2e-9 relative at |z| = 0.5.
 #               The result is z plus a correction of at most 8% of z: relative error ~1 ulp.
 #   |z| >= 0.5: tanh|z| = (1 - e) / (1 + e) with e = exp(-2|z|) in (0, 0.37]: no cancellation
 #               worth speaking of, and exp of a non-positive number never overflows: for huge |z|
 #               e underflows to 0 and t = 1 exactly (no inf/inf = NaN). The sign is put back.
-# NaN in gives NaN out (both branches propagate it), +-inf gives +-1.
+# Measured against float64 under the interpreter: max relative error 1.9e-7 (~3 ulp of 2^-24),
+# at |z| just above 0.5, for |z| from 1e-8 to 30. NaN gives NaN (via the exp branch), +-inf +-1.
 # Not 2*sigmoid(2z)-1, which loses all relative precision as z -> 0.
 
 @triton.jit
