@@ -1,0 +1,440 @@
+"""
+Text data for train_gpt.py: tokenisers, token shards, the default corpus and the batch loader.
+
+  - Encodings: "byte" (UTF-8 bytes, vocab 256: needs nothing, the default) or any tiktoken
+    encoding ("gpt2", "cl100k_base", "o200k_base", ...; tiktoken fetches its BPE file once).
+  - Shards: <dir>/{train,val}_NNNNNN.bin, each a 64-byte header (magic, version, bytes per
+    token, token count, source byte count, vocab size) then the tokens as uint16 (uint32 when
+    the vocabulary has more than 65,536 entries), memory-mapped on load. <dir>/meta.json
+    names the encoding. A truncated or foreign file is refused with a one-line error.
+  - The default corpus: the English text that ships with CPython (the pydoc_data topics and
+    the docstrings of the standard library, ~2.2 MB), in a fixed order; every 20th document
+    is held out for validation. Built once, cached under data/default-py<version>-byte.
+  - `python data.py prepare --input a.txt b.jsonl c.parquet --encoding gpt2 --out data/mine`
+    or `--hf HuggingFaceFW/fineweb-edu --hf_config sample-10BT` (needs `datasets` + internet).
+  - TokenLoader: deterministic batches, split across ranks, resumable to the exact sample.
+"""
+
+import argparse
+import ast
+import glob
+import json
+import math
+import os
+import struct
+import sys
+import sysconfig
+
+import numpy as np
+
+from train_common import UserError
+
+MAGIC = b"DYTTOKS\x00"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQI")  # magic, version, bytes/token, tokens, source bytes, vocab
+HEADER_SIZE = 64                    # HEADER.size rounded up, so the tokens start aligned
+DEFAULT_VAL_EVERY = 20              # every 20th document -> validation (5%)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encodings
+
+class ByteEncoding:
+    """UTF-8 bytes as tokens: vocab 256, no special tokens, bits per byte == bits per token."""
+    name = "byte"
+    n_vocab = 256
+    eot_token = None
+
+    def encode_ordinary(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, tokens):
+        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def get_encoding(name):
+    """The encoding called `name` ('byte' or a tiktoken name); a tiktoken.Encoding passes through."""
+    if not isinstance(name, str):
+        return name
+    if name == "byte":
+        return ByteEncoding()
+    try:
+        import tiktoken
+        return tiktoken.get_encoding(name)
+    except ValueError as e:
+        raise UserError(f"unknown encoding {name!r}: {e}; use byte, gpt2, cl100k_base, ...")
+    except Exception as e:
+        raise UserError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}); it needs "
+                        "internet once (or TIKTOKEN_CACHE_DIR with its file), or use --encoding byte")
+
+
+def eot_of(enc):
+    """The end-of-text token that separates documents, or None (byte level: a blank line)."""
+    return getattr(enc, "eot_token", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+def dtype_for(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_shard(path, tokens, vocab_size, n_bytes=0):
+    """Write tokens (any int array) with the header, atomically (tmp + os.replace)."""
+    dtype = dtype_for(vocab_size)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids outside [0, {vocab_size}) for {path}")
+    header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, tokens.size, n_bytes,
+                         vocab_size).ljust(HEADER_SIZE, b"\x00")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(tokens.astype(dtype).tobytes())
+    os.replace(tmp, path)
+
+
+def read_header(path):
+    """The header of a shard as a dict; UserError naming the file when it is not a valid one."""
+    if not os.path.isfile(path):
+        raise UserError(f"no token shard at {path}; run `python data.py prepare` first")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+    if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
+        raise UserError(f"{path} is not a token shard (bad magic); re-run data.py prepare")
+    magic, version, itemsize, n_tokens, n_bytes, vocab = HEADER.unpack(raw[:HEADER.size])
+    if version != VERSION:
+        raise UserError(f"{path} has shard version {version}, this code reads {VERSION}; "
+                        "re-run data.py prepare")
+    if itemsize not in (2, 4):
+        raise UserError(f"{path} has {itemsize} bytes per token (2 or 4 expected); re-run prepare")
+    expected = HEADER_SIZE + n_tokens * itemsize
+    if size != expected:
+        raise UserError(f"{path} is truncated or corrupt: {size} bytes, header says {expected}; "
+                        "re-run data.py prepare")
+    return {"itemsize": itemsize, "n_tokens": n_tokens, "n_bytes": n_bytes, "vocab_size": vocab}
+
+
+def open_shard(path):
+    """(tokens as a read-only np.memmap, header)."""
+    h = read_header(path)
+    dtype = np.uint16 if h["itemsize"] == 2 else np.uint32
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(h["n_tokens"],))
+    return tokens, h
+
+
+class TokenDataset:
+    """All shards of one split of a prepared directory, checked and memory-mapped."""
+
+    def __init__(self, data_dir, split):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"no prepared data in {data_dir} (missing meta.json); run "
+                            "`python data.py prepare --out {data_dir} ...` or use --data default")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+        if not paths:
+            raise UserError(f"no {split}_*.bin shards in {data_dir}; re-run data.py prepare")
+        self.paths, self.shards, self.headers = paths, [], []
+        for p in paths:
+            tokens, h = open_shard(p)
+            if h["vocab_size"] != self.meta["vocab_size"]:
+                raise UserError(f"{p} has vocab {h['vocab_size']} but {meta_path} says "
+                                f"{self.meta['vocab_size']}; re-run data.py prepare")
+            self.shards.append(tokens)
+            self.headers.append(h)
+        self.vocab_size = self.meta["vocab_size"]
+        self.encoding = self.meta["encoding"]
+        self.n_tokens = sum(h["n_tokens"] for h in self.headers)
+        n_bytes = sum(h["n_bytes"] for h in self.headers)
+        # source bytes per token, for bits per byte (exact for the byte encoding)
+        self.bytes_per_token = n_bytes / self.n_tokens if n_bytes else 1.0
+
+    def chunks(self, seq_len):
+        """Number of (seq_len + 1)-token windows per shard (windows never cross shards)."""
+        return [max((len(s) - 1) // seq_len, 0) for s in self.shards]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing shards
+
+def _iter_local(paths, text_field="text"):
+    for path in paths:
+        if not os.path.exists(path):
+            raise UserError(f"no such input file {path}")
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+        elif path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)[text_field]
+                        except (ValueError, KeyError):
+                            raise UserError(f"{path} line {i + 1}: not JSON with a "
+                                            f"{text_field!r} field (see --text_field)")
+        elif path.endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise UserError("reading parquet needs pyarrow: pip install pyarrow")
+            table = pq.ParquetFile(path)
+            for batch in table.iter_batches(columns=[text_field]):
+                yield from batch.column(0).to_pylist()
+        else:
+            raise UserError(f"{path}: expected a .txt, .jsonl or .parquet file")
+
+
+def _iter_hf(name, config=None, split="train", text_field="text"):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--hf needs the `datasets` package (pip install datasets) and internet")
+    # streaming: FineWeb-edu / The Pile are far larger than a disk needs to hold
+    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    for row in ds:
+        yield row[text_field]
+
+
+def prepare(docs, out_dir, encoding="byte", val_every=DEFAULT_VAL_EVERY,
+            shard_tokens=100_000_000, max_docs=0, progress=False):
+    """Tokenise an iterable of document strings into out_dir/{train,val}_NNNNNN.bin.
+
+    Document i goes to validation when i % val_every == 0 (deterministic, spread over the
+    corpus). Documents are separated by the encoding's end-of-text token (byte level: a blank
+    line). Returns {split: tokens written}."""
+    enc = get_encoding(encoding)
+    name = encoding if isinstance(encoding, str) else enc.name
+    vocab = enc.n_vocab
+    eot = eot_of(enc)
+    os.makedirs(out_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(out_dir, "*_*.bin")):
+        os.remove(old)  # a re-prepare must not mix with shards of an earlier run
+    state = {s: {"buf": [], "n": 0, "bytes": 0, "index": 0, "total": 0} for s in ("train", "val")}
+
+    def flush(split):
+        st = state[split]
+        if st["n"]:
+            write_shard(os.path.join(out_dir, f"{split}_{st['index']:06d}.bin"),
+                        np.concatenate(st["buf"]), vocab, st["bytes"])
+            st["index"] += 1
+            st["total"] += st["n"]
+            st["buf"], st["n"], st["bytes"] = [], 0, 0
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="documents", unit="doc")
+    for i, text in enumerate(docs):
+        if max_docs and i >= max_docs:
+            break
+        if not text:
+            continue
+        split = "val" if i % val_every == 0 else "train"
+        sep = [eot] if eot is not None else enc.encode_ordinary("\n\n")
+        toks = np.asarray(enc.encode_ordinary(text) + sep, dtype=np.int64)
+        st = state[split]
+        st["buf"].append(toks)
+        st["n"] += len(toks)
+        st["bytes"] += len(text.encode("utf-8")) + (0 if eot is not None else 2)
+        if st["n"] >= shard_tokens:
+            flush(split)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for split in state:
+        flush(split)
+    if not state["val"]["total"] or not state["train"]["total"]:
+        raise UserError(f"too few documents for a train and a val split (every {val_every}th "
+                        "document is validation); give more input")
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump({"encoding": name, "vocab_size": vocab, "eot": eot, "val_every": val_every,
+                   "tokens": {s: state[s]["total"] for s in state}}, f)
+    return {s: state[s]["total"] for s in state}
+
+
+# ---------------------------------------------------------------------------------------------
+# The default corpus
+
+def default_corpus_docs():
+    """The documents of the default corpus, in a fixed order: every pydoc_data topic (sorted
+    by name), then for each standard-library module (sorted by path, tests left out) its
+    docstrings in source order. Same Python version -> same text."""
+    from pydoc_data.topics import topics
+    docs = [topics[k] for k in sorted(topics)]
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in skip)
+        files += [os.path.join(d, n) for n in names if n.endswith(".py")]
+    for path in sorted(files):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        parts = []
+
+        def visit(node):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    parts.append(doc)
+            for child in ast.iter_child_nodes(node):
+                visit(child)
+        visit(tree)
+        if parts:
+            docs.append("\n\n".join(parts))
+    return docs
+
+
+def default_data_dir(cache_root=None):
+    """The default corpus as prepared byte-level shards; built on first use (a few seconds)."""
+    cache_root = cache_root or os.path.join(HERE, "data")
+    out = os.path.join(cache_root, f"default-py{sys.version_info[0]}.{sys.version_info[1]}-byte")
+    if not os.path.isfile(os.path.join(out, "meta.json")):
+        tmp = f"{out}.tmp{os.getpid()}"
+        prepare(default_corpus_docs(), tmp, "byte")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process built it first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_data_dir(data, cache_root=None):
+    """'default' -> the built-in corpus; else a prepared directory (checked by TokenDataset)."""
+    if data == "default":
+        return default_data_dir(cache_root)
+    if not os.path.isdir(data):
+        raise UserError(f"no data directory {data}; prepare one with `python data.py prepare "
+                        f"--out {data} --input ...` or use --data default")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch loader
+
+class TokenLoader:
+    """Training batches: windows of seq_len + 1 tokens (input, next-token target).
+
+    The sequence of windows is a function of (seed, position) only: epoch e visits every
+    window once in a permutation seeded by seed + e. A step takes the next global_batch
+    windows; rank r's micro-step j takes windows [(r * accum + j) * micro_batch, ... +
+    micro_batch) of them, so every world size sees the same set of windows per step, and
+    position (windows consumed) is the whole state: state_dict()/load_state_dict() resume
+    to the exact window."""
+
+    def __init__(self, dataset, seq_len, micro_batch, accum, rank=0, world_size=1, seed=0,
+                 shuffle=True):
+        self.ds, self.T, self.B, self.accum = dataset, seq_len, micro_batch, accum
+        self.rank, self.world, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        counts = dataset.chunks(seq_len)
+        self.starts = np.cumsum([0] + counts)
+        self.n = int(self.starts[-1])
+        if self.n == 0:
+            raise UserError(f"the data has fewer than {seq_len + 1} tokens per shard; use a "
+                            "shorter --seq_len or more data")
+        self.position = 0
+        self._perm_epoch, self._perm = None, None
+
+    @property
+    def global_batch(self):
+        return self.B * self.accum * self.world
+
+    def _window(self, k):
+        shard = int(np.searchsorted(self.starts, k, side="right") - 1)
+        off = (k - int(self.starts[shard])) * self.T
+        return self.ds.shards[shard][off:off + self.T + 1]
+
+    def _window_index(self, g):
+        epoch, k = divmod(g, self.n)
+        if not self.shuffle:
+            return k
+        if self._perm_epoch != epoch:
+            rng = np.random.default_rng(self.seed + epoch)
+            self._perm = rng.permutation(self.n).astype(np.int64)
+            self._perm_epoch = epoch
+        return int(self._perm[k])
+
+    def next_step(self):
+        """This rank's accum micro-batches of one step: [(x, y)] as int64 torch tensors."""
+        import torch
+        out = []
+        for j in range(self.accum):
+            first = self.position + (self.rank * self.accum + j) * self.B
+            rows = np.stack([self._window(self._window_index(g))
+                             for g in range(first, first + self.B)]).astype(np.int64)
+            rows = torch.from_numpy(rows)
+            out.append((rows[:, :-1], rows[:, 1:]))
+        self.position += self.global_batch
+        return out
+
+    def state_dict(self):
+        return {"position": self.position, "seed": self.seed, "seq_len": self.T}
+
+    def load_state_dict(self, state):
+        if state["seq_len"] != self.T or state["seed"] != self.seed:
+            raise UserError(f"the checkpoint's data order used seq_len {state['seq_len']} and "
+                            f"seed {state['seed']}; resume with the same --seq_len and --seed")
+        self.position = state["position"]
+
+
+def val_windows(dataset, seq_len, max_tokens, rank=0, world_size=1, batch=16):
+    """Validation batches for this rank: the first max_tokens of the split in order (the same
+    for every run), windows dealt round-robin to ranks. Yields (x, y) int64 tensors."""
+    import torch
+    loader = TokenLoader(dataset, seq_len, 1, 1, shuffle=False)
+    n = min(loader.n, max(1, max_tokens // seq_len))
+    mine = list(range(rank, n, world_size))
+    for i in range(0, len(mine), batch):
+        rows = np.stack([loader._window(k) for k in mine[i:i + batch]]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        yield rows[:, :-1], rows[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenise text into shards")
+    p.add_argument("--input", nargs="*", default=[], help=".txt / .jsonl / .parquet files")
+    p.add_argument("--hf", default=None, help="a Hugging Face dataset, e.g. "
+                   "HuggingFaceFW/fineweb-edu or monology/pile-uncopyrighted")
+    p.add_argument("--hf_config", default=None, help="e.g. sample-10BT for FineWeb-edu")
+    p.add_argument("--hf_split", default="train")
+    p.add_argument("--default", action="store_true", help="the built-in CPython-docs corpus")
+    p.add_argument("--text_field", default="text")
+    p.add_argument("--encoding", default="gpt2", help="byte, gpt2, cl100k_base, o200k_base, ...")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val_every", type=int, default=DEFAULT_VAL_EVERY,
+                   help="every Nth document goes to validation")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000)
+    p.add_argument("--max_docs", type=int, default=0, help="stop after this many (0: all)")
+    args = parser.parse_args(argv)
+    sources = sum([bool(args.input), bool(args.hf), args.default])
+    if sources != 1:
+        parser.error("give exactly one of --input FILES, --hf NAME, --default")
+    if args.default:
+        docs = default_corpus_docs()
+    elif args.hf:
+        docs = _iter_hf(args.hf, args.hf_config, args.hf_split, args.text_field)
+    else:
+        docs = _iter_local(args.input, args.text_field)
+    counts = prepare(docs, args.out, args.encoding, args.val_every, args.shard_tokens,
+                     args.max_docs, progress=True)
+    print(f"wrote {counts['train']:,} train and {counts['val']:,} val tokens to {args.out}")
+
+
+if __name__ == "__main__":
+    from train_common import main_guard
+    main_guard(main)

@@ -1,0 +1,109 @@
+"""data.py: shard header, corrupt files, offline tiktoken prepare, the deterministic loader."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from train_common import UserError  # noqa: E402
+
+
+def tiny_tiktoken():
+    """A tiktoken Encoding built offline: the 256 bytes plus a few merges and an end token."""
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in [b"th", b"he", b"the", b" t", b"in", b"er"]:
+        ranks[merge] = len(ranks)
+    return tiktoken.Encoding("tiny", pat_str=r"""'s|'t| ?\w+| ?[^\s\w]+|\s+""",
+                             mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
+
+
+@pytest.mark.parametrize("vocab, dtype", [(256, np.uint16), (70000, np.uint32)])
+def test_shard_header_round_trip(tmp_path, vocab, dtype):
+    tokens = np.random.default_rng(0).integers(0, vocab, 1000)
+    path = str(tmp_path / "train_000000.bin")
+    data.write_shard(path, tokens, vocab, n_bytes=1234)
+    got, header = data.open_shard(path)
+    assert got.dtype == dtype and np.array_equal(got, tokens)
+    assert header == {"itemsize": np.dtype(dtype).itemsize, "n_tokens": 1000,
+                      "n_bytes": 1234, "vocab_size": vocab}
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    path = str(tmp_path / "train_000000.bin")
+    data.write_shard(path, np.arange(100), 256)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(UserError, match="train_000000.bin is truncated"):
+        data.open_shard(path)
+    foreign = tmp_path / "val_000000.bin"
+    foreign.write_bytes(b"PK\x03\x04" + bytes(200))
+    with pytest.raises(UserError, match="val_000000.bin is not a token shard"):
+        data.open_shard(str(foreign))
+    with pytest.raises(UserError, match="no token shard"):
+        data.open_shard(str(tmp_path / "nope.bin"))
+
+
+def test_prepare_with_offline_tiktoken(tmp_path):
+    enc = tiny_tiktoken()
+    txt = tmp_path / "a.txt"
+    txt.write_text("the other thing in there " * 20)
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"doc {i}: the weather in there"})
+                               for i in range(30)))
+    out = str(tmp_path / "prepared")
+    docs = data._iter_local([str(txt), str(jsonl)])
+    counts = data.prepare(docs, out, enc, val_every=10, shard_tokens=100)
+    train, val = data.TokenDataset(out, "train"), data.TokenDataset(out, "val")
+    assert train.n_tokens == counts["train"] and val.n_tokens == counts["val"]
+    assert len(train.paths) > 1  # shard_tokens=100 splits the train split
+    assert train.vocab_size == enc.n_vocab and train.bytes_per_token > 1.0
+    toks = np.concatenate([np.asarray(s) for s in train.shards]).tolist()
+    assert enc.eot_token in toks and "weather in there" in enc.decode(toks)
+    with pytest.raises(UserError, match="no such input file"):
+        list(data._iter_local([str(tmp_path / "missing.txt")]))
+
+
+def _dataset(tmp_path, n=5000):
+    out = str(tmp_path / "d")
+    os.makedirs(out)
+    rng = np.random.default_rng(0)
+    data.write_shard(os.path.join(out, "train_000000.bin"), rng.integers(0, 256, n), 256, n)
+    data.write_shard(os.path.join(out, "train_000001.bin"), rng.integers(0, 256, n), 256, n)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"encoding": "byte", "vocab_size": 256}, f)
+    return data.TokenDataset(out, "train")
+
+
+def test_loader_is_deterministic_rank_split_and_resumable(tmp_path):
+    ds = _dataset(tmp_path)
+    T = 16
+
+    def rows(loader, steps):
+        return [np.concatenate([x.numpy() for x, _ in loader.next_step()]) for _ in range(steps)]
+
+    one = data.TokenLoader(ds, T, micro_batch=2, accum=4, seed=3)
+    ref = rows(one, 50)  # 50 steps x 8 windows: more than one epoch of 622 windows
+    x, y = data.TokenLoader(ds, T, 2, 4, seed=3).next_step()[0]
+    assert np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())  # y is x shifted by one
+    # two ranks with accum 2 see exactly the same windows per step as one rank with accum 4
+    r0 = data.TokenLoader(ds, T, 2, 2, rank=0, world_size=2, seed=3)
+    r1 = data.TokenLoader(ds, T, 2, 2, rank=1, world_size=2, seed=3)
+    for step, (a, b) in enumerate(zip(rows(r0, 50), rows(r1, 50))):
+        assert np.array_equal(np.concatenate([a, b]), ref[step])
+    # resume from a saved position
+    fresh = data.TokenLoader(ds, T, 2, 4, seed=3)
+    fresh.load_state_dict({**one.state_dict(), "position": 20 * 8})
+    assert all(np.array_equal(a, b) for a, b in zip(rows(fresh, 30), ref[20:]))
+    with pytest.raises(UserError, match="same --seq_len"):
+        data.TokenLoader(ds, 8, 2, 4, seed=3).load_state_dict(one.state_dict())
+
+
+def test_default_corpus_is_offline_and_split(tmp_path):
+    d = data.default_data_dir()  # cached under the repo's data/ after the first build
+    train, val = data.TokenDataset(d, "train"), data.TokenDataset(d, "val")
+    assert train.encoding == "byte" and train.vocab_size == 256
+    assert train.n_tokens > 1_500_000 and 0.02 < val.n_tokens / train.n_tokens < 0.1

@@ -1,0 +1,153 @@
+"""train_gpt.py end to end on CPU: the loss falls, 2 processes (DDP and FSDP2 on gloo) train
+the same model as 1, resume continues exactly, bad input gives one-line errors, and the
+presets' arithmetic. Tiny models and a few steps so that the file runs in about a minute."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_common as tc  # noqa: E402
+import train_gpt  # noqa: E402
+import data  # noqa: E402
+
+torch.set_num_threads(2)
+# 8 sequences of 32 tokens per step: 1 process runs 2 micro-steps of 4, 2 processes 1 each
+TINY = ["--dim", "32", "--n_layer", "2", "--n_head", "2", "--n_kv_head", "2", "--seq_len", "32",
+        "--micro_batch", "4", "--global_batch_tokens", "256", "--lr", "3e-3",
+        "--warmup_steps", "2", "--eval_interval", "0", "--eval_tokens", "1024",
+        "--log_interval", "1", "--sample_tokens", "0", "--ckpt_interval", "0", "--device", "cpu"]
+STEPS = 6
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def run(out_dir, *extra):
+    train_gpt.main(TINY + ["--out_dir", str(out_dir), *extra])
+    return losses(out_dir)
+
+
+def torchrun(out_dir, *extra, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_gpt.py"),
+           *TINY, "--out_dir", str(out_dir), *extra]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return losses(out_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, plain model, 6 steps of DyT: the run the others must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    return out, run(out, "--norm", "dyt", "--max_steps", str(STEPS))
+
+
+@pytest.mark.parametrize("norm", ["rms", "dyt"])
+def test_loss_falls(tmp_path, norm):
+    got = run(tmp_path, "--norm", norm, "--max_steps", "40", "--lr", "1e-2")
+    first, last = got[1], np.mean([got[s] for s in range(36, 41)])
+    assert first > 5.0 and last < first - 1.5, (norm, first, last)
+    log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert "val_loss" in log[-1] and "val_bpb" in log[-1]
+    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "ckpt.pt").exists()
+    if norm == "dyt":
+        assert "alpha/blocks.0.attn_norm" in log[-1] and "alpha/norm" in log[-1]
+
+
+def test_resume_continues_exactly(tmp_path, reference):
+    _, ref = reference
+    first = run(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS), "--stop_at", "3")
+    assert sorted(first) == [1, 2, 3]
+    both = run(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS), "--resume")
+    assert [both[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
+
+
+def test_ddp_two_processes_match_one(tmp_path, reference):
+    _, ref = reference
+    got = torchrun(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS))
+    for s in range(1, STEPS + 1):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+
+
+def test_fsdp2_two_processes_match_one_and_resume_from_dcp(tmp_path, reference):
+    _, ref = reference
+    torchrun(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS), "--fsdp", "--stop_at", "3")
+    assert os.path.isfile(tmp_path / "ckpt_dcp" / ".metadata")
+    got = torchrun(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS), "--fsdp", "--resume")
+    for s in range(1, STEPS + 1):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), s
+
+
+def one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        tc.main_guard(train_gpt.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_flag_from_the_shell():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), "--norm", "dyt",
+                        "--nlayer", "2"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == "error: unknown flag --nlayer (did you mean --n_layer?); see --help"
+
+
+def test_missing_data_and_corrupt_shard_and_bad_checkpoint(tmp_path, capsys, reference):
+    err = one_line_error(TINY + ["--data", str(tmp_path / "nowhere")], capsys)
+    assert "no data directory" in err and "data.py prepare" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data.write_shard(str(bad / "train_000000.bin"), np.arange(1000) % 256, 256)
+    data.write_shard(str(bad / "val_000000.bin"), np.arange(1000) % 256, 256)
+    (bad / "meta.json").write_text(json.dumps({"encoding": "byte", "vocab_size": 256}))
+    with open(bad / "train_000000.bin", "r+b") as f:
+        f.truncate(500)
+    err = one_line_error(TINY + ["--data", str(bad)], capsys)
+    assert "train_000000.bin is truncated" in err
+    ref_dir, _ = reference
+    out = tmp_path / "other"
+    shutil.copytree(ref_dir, out)
+    err = one_line_error(TINY + ["--out_dir", str(out), "--resume", "--dim", "64",
+                                 "--max_steps", "8"], capsys)
+    assert "different model" in err and "dim=32" in err
+    err = one_line_error(TINY + ["--out_dir", str(tmp_path / "empty"), "--resume"], capsys)
+    assert "no checkpoint" in err
+
+
+def test_sample_from_checkpoint(reference, capsys):
+    ref_dir, _ = reference
+    train_gpt.main(["sample", "--ckpt", str(ref_dir / "ckpt.pt"), "--max_new_tokens", "20",
+                    "--prompt", "abc"])
+    assert capsys.readouterr().out.startswith("abc")
+
+
+def test_preset_arithmetic():
+    cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--preset", "llama7b"])
+    assert (cfg.dim, cfg.n_layer, cfg.seq_len, cfg.lr) == (4096, 32, 4096, 3e-4)
+    assert (cfg.alpha0_attn, cfg.alpha0_other) == (0.8, 0.2) and cfg.fsdp
+    # 200B tokens / 4,194,304 tokens per step, rounded up
+    assert train_gpt.derive_steps(cfg) == math.ceil(200e9 / 4194304) == 47684
+    # 1,024 sequences of 4,096 per step: 8 GPUs x micro_batch 1 -> 128 micro-steps each
+    assert train_gpt.batch_plan(cfg, 8) == (1024, 128)
+    assert train_gpt.batch_plan(cfg, 1024) == (1024, 1)
+    with pytest.raises(tc.UserError, match="not a multiple"):
+        train_gpt.batch_plan(cfg, 3)
+    cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS,
+                                ["--preset", "llama70b", "--micro_batch", "2", "--max_steps", "10"])
+    assert cfg.lr == 1.5e-4 and (cfg.alpha0_attn, cfg.alpha0_other) == (0.2, 0.05)
+    assert train_gpt.derive_steps(cfg) == 10 and train_gpt.batch_plan(cfg, 64) == (1024, 8)
+    cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, [])
+    assert train_gpt.derive_steps(cfg) == 450 and train_gpt.batch_plan(cfg, 1) == (16, 1)
