@@ -1,0 +1,821 @@
+"""
+Benchmarks for DyT against the norms it replaces: is DyT really cheaper than normalisation?
+
+Three modes:
+
+  python bench.py            kernel level: one layer at a time, forward and forward+backward,
+                             bf16 and fp32, at LLaMA-7B and ViT-B activation shapes and over a
+                             sweep of channel counts.
+  python bench.py --model    the DyT paper's Table 7: LLaMA 7B in bf16, one 4096-token sequence,
+                             100 forward and 100 forward+backward passes, with RMSNorm, fused DyT
+                             and plain DyT; the time of the whole model and of the norm layers.
+                             --preset nano|micro|gpt2_small|... for models that fit anywhere.
+  python bench.py --memory   peak GPU memory of one training step of ViT-B and of a GPT
+                             (gpt2_small preset, 162M) with LN/RMSNorm, plain DyT and fused DyT,
+                             and the bytes autograd saves for backward (also on a CPU).
+
+Results are printed as a table and written as JSON and Markdown under --out (results/) with the
+device, the torch/triton versions and the date.
+
+How the kernel level is timed (why each choice):
+  - On CUDA with triton.testing.do_bench, median of its repeats: CUDA events around each call,
+    warm-up excluded, and the L2 cache flushed before each timed call.
+  - Inputs rotate among several buffers (together at least 4x the L2 cache), so that a layer
+    never finds its input still in cache from the previous call.
+  - Random normal data, never zeros (zeros can run faster and hide unwritten outputs).
+  - forward runs under torch.no_grad (inference); forward+backward is y = f(x) followed by
+    torch.autograd.grad(y, [x, parameters], dy): fresh gradients each call, no accumulation.
+  - Each DyT and norm variant is first checked against a float64 reference (relative norm
+    error of y, and of dx for forward+backward) so that a fast wrong kernel cannot post a time.
+  - Bytes that must move (the floor; see bytes_forward / bytes_forward_backward below): every
+    activation read once and written once. Forward: read x, write y. Forward+backward: that,
+    plus read x and dy and write dx. The same for DyT, LayerNorm and RMSNorm: the per-channel
+    parameters and the norms' per-row statistics are under 1/C of that and are not counted.
+    Achieved bandwidth = those bytes / median time, also as a % of a device-to-device copy
+    (bytes read + written) measured in the same run.
+  - On a machine without CUDA the same comparisons run on the CPU with host clocks
+    (time.perf_counter, median), at smaller shapes; the fused Triton rows need a GPU and say so.
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dyt import DyT, dyt_reference
+from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, gpt_config, vit_config
+
+ROOT = Path(__file__).resolve().parent
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+EPS = 1e-6  # the norms' epsilon; irrelevant to speed
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes that must move through memory: pure functions, unit-tested against hand arithmetic.
+
+def bytes_forward(n_elements, elem_bytes):
+    """Forward of an element-wise layer or a norm: read x once, write y once."""
+    return 2 * n_elements * elem_bytes
+
+
+def bytes_backward(n_elements, elem_bytes):
+    """Backward alone: read x (DyT recomputes tanh(alpha*x) from it; a norm its statistics),
+    read dy, write dx."""
+    return 3 * n_elements * elem_bytes
+
+
+def bytes_forward_backward(n_elements, elem_bytes):
+    """One forward and one backward: 5 activation-sized passes."""
+    return bytes_forward(n_elements, elem_bytes) + bytes_backward(n_elements, elem_bytes)
+
+
+def bytes_copy(n_elements, elem_bytes):
+    """A device-to-device copy: read the source, write the destination."""
+    return 2 * n_elements * elem_bytes
+
+
+def bytes_moved(direction, n_elements, elem_bytes):
+    if direction == "fwd":
+        return bytes_forward(n_elements, elem_bytes)
+    if direction == "fwd+bwd":
+        return bytes_forward_backward(n_elements, elem_bytes)
+    raise ValueError(f"unknown direction {direction!r}")
+
+
+def bandwidth_gbps(n_bytes, ms):
+    """GB/s (10^9 bytes per second) for n_bytes moved in ms milliseconds."""
+    return n_bytes / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Timers. Both return the 20th, 50th and 80th percentile of the per-call time in ms.
+
+def time_cuda(fn, warmup_ms=25, rep_ms=100):
+    # do_bench: CUDA events around each call, warm-up excluded, L2 flushed before each call.
+    from triton.testing import do_bench
+    return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8]))
+
+
+def time_cpu(fn, warmup_s=0.01, rep_s=0.06, min_reps=5):
+    # The CPU runs synchronously, so a host clock around each call is the call's time.
+    fn()
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        fn()
+    times = []
+    while len(times) < min_reps or sum(times) < rep_s:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return tuple(1e3 * quantile(times, q) for q in (0.2, 0.5, 0.8))
+
+
+def quantile(values, q):
+    values = sorted(values)
+    pos = q * (len(values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def time_call(fn, device):
+    return time_cuda(fn) if device.type == "cuda" else time_cpu(fn)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers compared. Each builder takes (channels, dtype, device) and returns
+# (fn, params): fn(x) -> y, and the parameters in the order of the reference of its kind:
+# DyT [alpha, gamma, beta], LayerNorm [weight, bias], RMSNorm [weight].
+# A builder raises Unavailable(reason) when it cannot run here.
+
+class Unavailable(Exception):
+    pass
+
+
+def random_params(kind, C, dtype, device):
+    # Random, not the init values (gamma = 1, beta = 0), so no multiply or add is trivial.
+    g = lambda: (1 + 0.1 * torch.randn(C, device=device)).to(dtype).requires_grad_()
+    b = lambda: (0.1 * torch.randn(C, device=device)).to(dtype).requires_grad_()
+    if kind == "dyt":
+        return [torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True), g(), b()]
+    if kind == "ln":
+        return [g(), b()]
+    return [g()]
+
+
+def reference(kind, x, params):
+    """The function each kind must compute (run in float64 for the checks)."""
+    if kind == "dyt":
+        return dyt_reference(x, *params)
+    if kind == "ln":
+        return F.layer_norm(x, x.shape[-1:], *params, eps=EPS)
+    return F.rms_norm(x, x.shape[-1:], *params, eps=EPS)
+
+
+def load_kernel():
+    """The fused Triton kernel module, or Unavailable with the reason. Imported lazily: kernel.py
+    needs Triton and is only meaningful on a GPU."""
+    try:
+        import kernel
+    except Exception as e:  # ImportError, or a Triton that cannot initialise here
+        raise Unavailable(f"kernel.py did not import ({type(e).__name__}: {e})")
+    return kernel
+
+
+def build_fused_dyt(C, dtype, device):
+    if device.type != "cuda":
+        raise Unavailable("the fused Triton kernel needs a CUDA GPU")
+    kernel = load_kernel()
+    probe = torch.empty(1, C, device=device, dtype=dtype)
+    if hasattr(kernel, "available") and not kernel.available(probe):
+        raise Unavailable("kernel.available() is False for this tensor")
+    params = random_params("dyt", C, dtype, device)
+    return (lambda x: kernel.dyt(x, *params)), params
+
+
+def build_plain(kind):
+    def build(C, dtype, device):
+        params = random_params(kind, C, dtype, device)
+        return (lambda x: reference(kind, x, params)), params
+    return build
+
+
+_compiled = {}
+
+
+def build_compiled(kind):
+    # One torch.compile wrapper per kind; it recompiles for each shape/dtype/grad mode
+    # (dynamic=False: the best code for each shape, as a user with fixed shapes would get).
+    def build(C, dtype, device):
+        if kind not in _compiled:
+            _compiled[kind] = torch.compile(lambda x, *p: reference(kind, x, p), dynamic=False)
+        fn = _compiled[kind]
+        params = random_params(kind, C, dtype, device)
+        return (lambda x: fn(x, *params)), params
+    return build
+
+
+def build_module(factory, kind, names):
+    """Another library's layer, wrapped as (fn, params) with random parameters; `names` are
+    its parameter attributes in the order of our reference."""
+    def build(C, dtype, device):
+        if device.type != "cuda":
+            raise Unavailable("GPU-only library")
+        module = factory(C).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for p, ours in zip([getattr(module, n) for n in names], random_params(kind, C, dtype, device)):
+                p.copy_(ours)
+        return module, [getattr(module, n) for n in names]
+    return build
+
+
+def optional_library_ops():
+    """Other libraries' DyT and norm kernels, when installed; else a note saying what is absent."""
+    ops, notes = [], []
+    try:
+        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+        ops += [("Liger LayerNorm", "ln", build_module(lambda C: LigerLayerNorm(C, eps=EPS), "ln", ["weight", "bias"])),
+                ("Liger RMSNorm", "rms", build_module(lambda C: LigerRMSNorm(C, eps=EPS), "rms", ["weight"]))]
+        try:
+            from liger_kernel.transformers import LigerDyT
+            ops.append(("Liger DyT", "dyt", build_module(lambda C: LigerDyT(C), "dyt", ["alpha", "gamma", "beta"])))
+        except ImportError:
+            notes.append("liger_kernel has no LigerDyT in this version")
+    except ImportError:
+        notes.append("liger_kernel not installed: its DyT/LayerNorm/RMSNorm rows skipped")
+    try:
+        from apex.normalization import FusedLayerNorm, FusedRMSNorm
+        ops += [("apex FusedLayerNorm", "ln", build_module(lambda C: FusedLayerNorm(C, eps=EPS), "ln", ["weight", "bias"])),
+                ("apex FusedRMSNorm", "rms", build_module(lambda C: FusedRMSNorm(C, eps=EPS), "rms", ["weight"]))]
+    except ImportError:
+        notes.append("apex not installed: its FusedLayerNorm/FusedRMSNorm rows skipped")
+    return ops, notes
+
+
+def kernel_ops(device):
+    """(row name, kind, builder) of every layer timed, and notes on what was skipped."""
+    ops = [
+        ("DyT fused (Triton)", "dyt", build_fused_dyt),
+        ("DyT plain", "dyt", build_plain("dyt")),
+        ("DyT compile", "dyt", build_compiled("dyt")),
+        ("LayerNorm", "ln", build_plain("ln")),      # F.layer_norm: PyTorch's fused kernel
+        ("RMSNorm", "rms", build_plain("rms")),      # F.rms_norm: fused on CUDA
+    ]
+    notes = []
+    if device.type == "cuda":
+        # The comparison users asked for: DyT compiled against RMSNorm compiled (both Triton).
+        ops.append(("RMSNorm compile", "rms", build_compiled("rms")))
+    else:
+        notes.append("no CUDA GPU: the 'DyT fused (Triton)' rows need a GPU and are not timed; "
+                     "the CPU rows compare plain PyTorch, torch.compile and the native norms")
+    lib_ops, lib_notes = optional_library_ops()
+    return ops + lib_ops, notes + lib_notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel level
+
+def shape_sets(device, vit_batch, only):
+    """{set name: [shape, ...]}. The CPU gets fewer rows so that the whole run stays under a
+    minute; the GPU gets the paper's shapes."""
+    if device.type == "cuda":
+        sets = {
+            "llama7b": [(4096, 4096), (8, 4096, 4096)],          # one and eight 4096-token sequences
+            "vit_b": [(vit_batch, 197, 768)],                    # 196 patches + class token
+            "sweep": [(2 ** 25 // C, C) for C in (256, 512, 768, 1024, 2048, 4096, 8192, 16384)],
+        }
+    else:
+        sets = {
+            "llama7b": [(512, 4096)],                            # 512 tokens at LLaMA-7B width
+            "vit_b": [(min(vit_batch, 8), 197, 768)],
+            "sweep": [(2 ** 20 // C, C) for C in (256, 4096)],
+        }
+    return {k: v for k, v in sets.items() if k in only}
+
+
+def make_buffers(shape, dtype, device, with_grad, min_total_bytes):
+    """Rotating input sets: random x (and dy for backward), enough of them that together they
+    exceed min_total_bytes, at least 2, at most 8."""
+    per_set = math.prod(shape) * torch.finfo(dtype).bits // 8 * (2 if with_grad else 1)
+    n = max(2, min(8, math.ceil(min_total_bytes / per_set)))
+    sets = []
+    for _ in range(n):
+        x = torch.randn(shape, device=device, dtype=dtype).requires_grad_(with_grad)
+        dy = torch.randn(shape, device=device, dtype=dtype) if with_grad else None
+        sets.append((x, dy))
+    return sets
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check(kind, fn, params, x, dy):
+    """Largest relative norm error of y (and dx, with dy) against float64."""
+    with torch.no_grad() if dy is None else torch.enable_grad():
+        y = fn(x)
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double() for p in params]
+    y64 = reference(kind, x64, p64)
+    err = rel_err(y, y64)
+    if dy is not None:
+        dx, = torch.autograd.grad(y, [x], dy)
+        dx64, = torch.autograd.grad(y64, [x64], dy.double())
+        err = max(err, rel_err(dx, dx64))
+    return err
+
+
+def tolerance(dtype):
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+def measure_copy_bandwidth(device):
+    """GB/s of a large device-to-device copy (bytes read + written): the practical ceiling."""
+    n = (2 ** 28 if device.type == "cuda" else 2 ** 24)  # 1 GiB of fp32 on a GPU, 64 MiB on a CPU
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    _, ms, _ = time_call(lambda: dst.copy_(src), device)
+    del src, dst
+    return bandwidth_gbps(bytes_copy(n, 4), ms)
+
+
+def l2_bytes(device):
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20)
+    return 32 * 2 ** 20  # a typical last-level cache; only sizes the CPU's input rotation
+
+
+def bench_kernels(args, device):
+    ops, notes = kernel_ops(device)
+    copy_gbps = measure_copy_bandwidth(device)
+    print(f"device-to-device copy: {copy_gbps:.1f} GB/s (bytes read + written)", flush=True)
+    rows = []
+    dtype_names = args.dtypes
+    for set_name, shapes in shape_sets(device, args.vit_batch, args.only).items():
+        # the channel sweep in bf16 only (the training dtype), to keep the run short
+        set_dtypes = ["bf16"] if set_name == "sweep" and "bf16" in dtype_names else dtype_names
+        for shape, dtype_name, direction in itertools.product(shapes, set_dtypes, ("fwd", "fwd+bwd")):
+            dtype, backward = DTYPES[dtype_name], direction == "fwd+bwd"
+            n = math.prod(shape)
+            n_bytes = bytes_moved(direction, n, torch.finfo(dtype).bits // 8)
+            buffers = make_buffers(shape, dtype, device, backward, 4 * l2_bytes(device))
+            group = []
+            for name, kind, build in ops:
+                row = dict(set=set_name, shape="x".join(map(str, shape)), channels=shape[-1],
+                           dtype=dtype_name, direction=direction, op=name, bytes=n_bytes)
+                try:
+                    fn, params = build(shape[-1], dtype, device)
+                    x0, dy0 = buffers[0]
+                    err = check(kind, fn, params, x0, dy0)
+                    row["rel_err"] = err
+                    if not err <= tolerance(dtype):  # NaN fails too
+                        raise Unavailable(f"wrong result: relative error {err:.2e} against float64")
+                    rotation = itertools.cycle(buffers)
+                    if backward:
+                        def call():
+                            x, dy = next(rotation)
+                            torch.autograd.grad(fn(x), [x] + params, dy)
+                    else:
+                        def call():
+                            with torch.no_grad():
+                                fn(next(rotation)[0])
+                    p20, ms, p80 = time_call(call, device)
+                    row.update(ms=ms, ms_p20=p20, ms_p80=p80, gbps=bandwidth_gbps(n_bytes, ms))
+                    row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+                except Unavailable as e:
+                    row["skipped"] = str(e)
+                group.append(row)
+            # speedups against PyTorch's own norms at the same shape, dtype and direction
+            base = {r["op"]: r.get("ms") for r in group}
+            for r in group:
+                if "ms" in r:
+                    r["vs_rms"] = base["RMSNorm"] / r["ms"] if base.get("RMSNorm") else None
+                    r["vs_ln"] = base["LayerNorm"] / r["ms"] if base.get("LayerNorm") else None
+                print(format_kernel_row(r), flush=True)
+            rows += group
+            del buffers
+    return dict(copy_gbps=copy_gbps, notes=notes, rows=rows)
+
+
+KERNEL_HEADER = ("| set | shape | dtype | pass | op | median ms | GB/s | % copy | vs RMSNorm | "
+                 "vs LayerNorm | rel. err |")
+
+
+def format_kernel_row(r):
+    if "ms" not in r:
+        return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
+                f"skipped: {r['skipped']} | | | | | |")
+    ratio = lambda v: f"{v:.2f}x" if v else "-"
+    return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
+            f"{r['ms']:.4f} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | {ratio(r['vs_rms'])} | "
+            f"{ratio(r['vs_ln'])} | {r['rel_err']:.1e} |")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: the DyT paper's Table 7.
+#
+# Whole model: one event pair (host clock on a CPU) around the loop of N passes.
+# Norm layers: two estimates, because neither is perfect on its own:
+#   "subtract": (time with the norm) - (time of the same model with nn.Identity in every norm
+#               slot). The cost the layers add to a pass, forward and forward+backward. It is a
+#               difference of two large numbers, so it carries their noise.
+#   "hooks":    forward only: CUDA events recorded by a forward pre-hook and a forward hook on
+#               every norm module, summed. While the GPU runs behind the host (true for a 7B
+#               model) the gap between the two events is the norm's own kernels. Timed in a
+#               separate loop so the whole-model numbers carry no hook overhead.
+
+def model_variants(device):
+    """(label, norm name, use the fused kernel) for the models compared."""
+    variants = [("RMSNorm", "rms", False)]
+    if device.type == "cuda":
+        try:
+            load_kernel()
+            variants.append(("DyT fused", "dyt", True))
+        except Unavailable as e:
+            print(f"DyT fused skipped: {e}")
+    variants += [("DyT plain", "dyt", False), ("identity (no norm)", "identity", False)]
+    return variants
+
+
+def build_gpt(preset, norm, fused, dtype, device):
+    cfg = gpt_config(preset, norm=norm)
+    with torch.device("meta"):  # no host copy of a 7B model: allocate straight on the device
+        model = GPT(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.init_weights()
+    for m in model.modules():
+        if isinstance(m, DyT):
+            m.use_kernel = fused
+    return model
+
+
+def norm_modules(model):
+    return [m for name, m in model.named_modules() if name.endswith("norm") and not isinstance(m, nn.Identity)]
+
+
+class Clock:
+    """Elapsed ms between start() and stop(), by CUDA events on a GPU, a host clock otherwise."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            return lambda: self.begin.elapsed_time(end)  # read after a synchronize
+        elapsed = 1e3 * (time.perf_counter() - self.begin)
+        return lambda: elapsed
+
+
+def hooked_norm_ms(model, run, device):
+    """Sum of the forward time of every norm module during run(), by hooks (see above)."""
+    readings, handles = [], []
+    for m in norm_modules(model):
+        clock = Clock(device)
+        handles.append(m.register_forward_pre_hook(lambda mod, inp, c=clock: c.start()))
+        handles.append(m.register_forward_hook(lambda mod, inp, out, c=clock: readings.append(c.stop())))
+    try:
+        run()
+        synchronize(device)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(r() for r in readings)
+
+
+def bench_model(args, device):
+    preset = args.preset or ("llama7b" if device.type == "cuda" else "nano")
+    dtype = DTYPES[args.model_dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = gpt_config(preset)
+    seq = args.seq or cfg.block_size
+    passes = args.passes
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    idx = torch.randint(cfg.vocab_size, (1, seq), generator=gen).to(device)
+    targets = torch.randint(cfg.vocab_size, (1, seq), generator=gen).to(device)
+    results = []
+    for label, norm, fused in model_variants(device):
+        model = build_gpt(preset, norm, fused, dtype, device)
+
+        def forward_passes(k):
+            with torch.no_grad():  # forward passes as in inference
+                for _ in range(k):
+                    model(idx)
+
+        def train_passes(k):
+            for _ in range(k):
+                model.zero_grad(set_to_none=True)  # a fresh step: no gradient accumulation
+                _, loss = model(idx, targets)
+                loss.backward()
+
+        def timed(run, k):
+            clock = Clock(device)
+            synchronize(device)
+            clock.start()
+            run(k)
+            reading = clock.stop()
+            synchronize(device)
+            return reading() / 1e3  # seconds for k passes
+
+        forward_passes(args.warmup)
+        fwd_s = timed(forward_passes, passes)
+        hook_fwd_s = None
+        if norm != "identity":
+            hook_fwd_s = hooked_norm_ms(model, lambda: forward_passes(passes), device) / 1e3
+        train_passes(args.warmup)
+        train_s = timed(train_passes, passes)
+        row = dict(model=label, norm=norm, fused=fused, forward_s=fwd_s, forward_backward_s=train_s,
+                   norm_forward_s_hooks=hook_fwd_s, n_norm_layers=len(norm_modules(model)))
+        results.append(row)
+        print(f"{label}: {passes} forward {fwd_s:.3f} s, {passes} forward+backward {train_s:.3f} s"
+              + (f", norm layers forward (hooks) {hook_fwd_s:.3f} s" if hook_fwd_s is not None else ""),
+              flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    identity = next(r for r in results if r["norm"] == "identity")
+    for r in results:
+        if r is not identity:
+            r["norm_forward_s_subtract"] = r["forward_s"] - identity["forward_s"]
+            r["norm_forward_backward_s_subtract"] = r["forward_backward_s"] - identity["forward_backward_s"]
+    return dict(preset=preset, dtype=str(dtype).replace("torch.", ""), seq_len=seq, batch=1,
+                passes=passes, warmup=args.warmup, rows=results)
+
+
+MODEL_HEADER = ("| model | whole model, fwd (s) | whole model, fwd+bwd (s) | norm layers fwd, "
+                "subtract (s) | norm layers fwd+bwd, subtract (s) | norm layers fwd, hooks (s) |")
+
+
+def format_model_row(r):
+    f = lambda v: "-" if v is None else f"{v:.3f}"
+    return (f"| {r['model']} | {f(r['forward_s'])} | {f(r['forward_backward_s'])} | "
+            f"{f(r.get('norm_forward_s_subtract'))} | {f(r.get('norm_forward_backward_s_subtract'))} | "
+            f"{f(r.get('norm_forward_s_hooks'))} |")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: peak GPU memory of one training step, and bytes saved for backward.
+
+def saved_for_backward_bytes(loss_fn, params):
+    """Bytes of the distinct tensors autograd saves for backward during loss_fn(), parameters
+    excluded (they exist anyway). Device-independent: it is most of a training step's
+    activation memory, and it is what plain DyT adds (it saves tanh(alpha*x) beside x)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+        except Exception:  # a tensor without storage (e.g. a subclass): nothing to count
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in param_storages:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(seen.values())
+
+
+def memory_cases(device, args):
+    """(model label, norm label, builder, loss function maker) for every model timed."""
+    cases = []
+    vit_batch = args.vit_batch if device.type == "cuda" else 2
+    gpt_batch, gpt_seq = (args.gpt_batch, 1024) if device.type == "cuda" else (1, 256)
+    fused_ok = device.type == "cuda"
+    for norm_label, norm, fused in [("LayerNorm", "ln", False), ("DyT plain", "dyt", False),
+                                    ("DyT fused", "dyt", True)]:
+        cases.append((f"vit_base, batch {vit_batch}", norm_label, "vit", norm, fused, vit_batch, None))
+    for norm_label, norm, fused in [("RMSNorm", "rms", False), ("DyT plain", "dyt", False),
+                                    ("DyT fused", "dyt", True)]:
+        cases.append((f"gpt2_small, {gpt_batch}x{gpt_seq} tokens", norm_label, "gpt", norm, fused,
+                      gpt_batch, gpt_seq))
+    return [c for c in cases if fused_ok or not c[4]]
+
+
+def bench_memory(args, device):
+    rows = []
+    for label, norm_label, arch, norm, fused, batch, seq in memory_cases(device, args):
+        torch.manual_seed(0)
+        if arch == "vit":
+            model = ViT(vit_config("vit_base", norm=norm)).to(device)
+            x = torch.randn(batch, 3, 224, 224, device=device)
+            y = torch.randint(1000, (batch,), device=device)
+            loss_of = lambda: F.cross_entropy(model(x), y)
+        else:
+            model = GPT(gpt_config("gpt2_small", norm=norm, block_size=seq)).to(device)
+            x = torch.randint(model.cfg.vocab_size, (batch, seq), device=device)
+            loss_of = lambda: model(x, x)[1]
+        for m in model.modules():
+            if isinstance(m, DyT):
+                m.use_kernel = fused
+        # Mixed precision as in training: fp32 weights, bf16 autocast on a GPU; fp32 on a CPU.
+        autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+        def loss_fn():
+            with autocast:
+                return loss_of()
+
+        row = dict(model=label, norm=norm_label,
+                   saved_for_backward_mib=saved_for_backward_bytes(loss_fn, list(model.parameters())) / 2 ** 20)
+        if device.type == "cuda":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss_fn().backward()
+                opt.step()
+
+            step()  # the first step allocates the optimizer state; measure the second
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            row.update(peak_mib=peak / 2 ** 20, resident_mib=before / 2 ** 20,
+                       step_extra_mib=(peak - before) / 2 ** 20)
+            del opt
+        rows.append(row)
+        print(format_memory_row(row), flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # relative to the norm each DyT replaces (first row of each model)
+    for label in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == label]
+        for key in ("peak_mib", "saved_for_backward_mib"):
+            if key in group[0]:
+                for r in group:
+                    r[key.replace("_mib", "_vs_norm_pct")] = 100 * (r[key] / group[0][key] - 1)
+    notes = [] if device.type == "cuda" else [
+        "no CUDA GPU: peak GPU memory and the fused DyT rows need CUDA; only the bytes autograd "
+        "saves for backward (fp32, no autocast) are measured here"]
+    return dict(notes=notes, rows=rows)
+
+
+MEMORY_HEADER = ("| model | norm | peak GPU MiB (step 2) | vs norm | params+grads+opt MiB | "
+                 "saved for backward MiB | vs norm |")
+
+
+def format_memory_row(r):
+    f = lambda k, fmt="{:.0f}": "-" if r.get(k) is None else fmt.format(r[k])
+    return (f"| {r['model']} | {r['norm']} | {f('peak_mib')} | {f('peak_vs_norm_pct', '{:+.1f}%')} | "
+            f"{f('resident_mib')} | {f('saved_for_backward_mib', '{:.1f}')} | "
+            f"{f('saved_for_backward_vs_norm_pct', '{:+.1f}%')} |")
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment, output files, command line
+
+def environment(device):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "CPU " + (cpu_model() or platform.processor() or platform.machine())
+        name += f" ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(device=name, device_type=device.type, torch=torch.__version__, triton=triton_version,
+                cuda=torch.version.cuda, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command="python " + " ".join(sys.argv),
+                # other work on the machine while we ran (timings on a shared CPU depend on it)
+                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+
+
+def device_tag(env):
+    return "cpu" if env["device_type"] == "cpu" else re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
+
+
+def write_results(out_dir, stem, env, result, header, lines, title):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(dict(environment=env, **result), indent=1) + "\n")
+    md = [f"# {title}", "",
+          f"Device: {env['device']}. torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+          f"Python {env['python']}. {env['date']}. Command: `{env['command']}`.", ""]
+    md += [f"- {note}" for note in result.get("notes", [])]
+    md += ["", header, separator(header)]
+    md += lines
+    md_path.write_text("\n".join(md) + "\n")
+    return json_path, md_path
+
+
+def separator(header):
+    return "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag gets one line, not the usage block
+        self.exit(2, f"bench.py: error: {message}\n")
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description="DyT vs LayerNorm/RMSNorm benchmarks (see the module docstring).")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--model", action="store_true", help="whole-model timing (the paper's Table 7)")
+    mode.add_argument("--memory", action="store_true", help="peak memory of one training step")
+    p.add_argument("--out", default=str(ROOT / "results"), help="folder for the JSON and Markdown")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtypes", default="bf16,fp32", help="kernel level: comma list of bf16, fp32, fp16")
+    p.add_argument("--only", default="llama7b,vit_b,sweep", help="kernel level: comma list of llama7b, vit_b, sweep")
+    p.add_argument("--vit-batch", type=int, default=128, help="ViT-B batch (kernel level and --memory)")
+    p.add_argument("--gpt-batch", type=int, default=8, help="--memory: GPT sequences of 1024 tokens")
+    p.add_argument("--preset", default=None, help="--model: GPT preset (default llama7b on a GPU, nano on a CPU)")
+    p.add_argument("--seq", type=int, default=None, help="--model: sequence length (default: the preset's block size)")
+    p.add_argument("--passes", type=int, default=100, help="--model: timed passes of each kind")
+    p.add_argument("--warmup", type=int, default=3, help="--model: untimed passes first")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on a small shared machine more threads than free "
+                        "cores turns timings into scheduler noise)")
+    p.add_argument("--model-dtype", default=None, help="--model: bf16 or fp32 (default bf16 on a GPU, fp32 on a CPU)")
+    args = p.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if not args.dtypes or any(d not in DTYPES for d in args.dtypes):
+        p.error(f"--dtypes {','.join(args.dtypes)!s}: choose from {', '.join(DTYPES)}")
+    if not args.only or any(s not in ("llama7b", "vit_b", "sweep") for s in args.only):
+        p.error(f"--only {','.join(args.only)}: choose from llama7b, vit_b, sweep")
+    if args.model_dtype is not None and args.model_dtype not in ("bf16", "fp32"):
+        p.error(f"--model-dtype {args.model_dtype}: choose bf16 or fp32")
+    if args.preset is not None and args.preset not in GPT_PRESETS:
+        p.error(f"--preset {args.preset}: choose one of {', '.join(GPT_PRESETS)}")
+    for flag in ("vit_batch", "gpt_batch", "passes", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or (args.seq is not None and args.seq < 1):
+        p.error("--warmup must be >= 0 and --seq >= 1")
+    if args.device not in (None, "cuda", "cpu"):
+        p.error(f"--device {args.device}: choose cuda or cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    if args.seq is not None and args.preset is not None and args.seq > GPT_PRESETS[args.preset].get("block_size", 256):
+        p.error(f"--seq {args.seq} is longer than the preset's block size")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Many shapes x dtypes x grad modes: let torch.compile keep one graph per case.
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    torch.manual_seed(0)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    env = environment(device)
+    print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}", flush=True)
+    if device.type != "cuda":
+        print("No CUDA GPU: CPU comparisons only. The fused Triton kernel, CUDA-event timings and "
+              "peak GPU memory need a GPU (see the module docstring for the commands).", flush=True)
+    out, tag = Path(args.out), device_tag(env)
+    if args.model:
+        result = bench_model(args, device)
+        lines = [format_model_row(r) for r in result["rows"]]
+        title = (f"DyT model-level timing ({result['preset']}, {result['dtype']}, 1 x {result['seq_len']} "
+                 f"tokens, {result['passes']} passes each) on {tag.upper() if tag == 'cpu' else env['device']}")
+        paths = write_results(out, f"bench_model_{result['preset']}_{tag}", env, result, MODEL_HEADER, lines, title)
+        header = MODEL_HEADER
+    elif args.memory:
+        result = bench_memory(args, device)
+        lines = [format_memory_row(r) for r in result["rows"]]
+        title = f"DyT memory of one training step on {'CPU' if tag == 'cpu' else env['device']}"
+        paths = write_results(out, f"bench_memory_{tag}", env, result, MEMORY_HEADER, lines, title)
+        header = MEMORY_HEADER
+    else:
+        result = bench_kernels(args, device)
+        lines = [format_kernel_row(r) for r in result["rows"]]
+        title = (f"DyT kernel-level benchmark on {'CPU' if tag == 'cpu' else env['device']}"
+                 f" (copy bandwidth {result['copy_gbps']:.1f} GB/s)")
+        # a partial run (--only) gets its own files, so that two halves run apart both survive
+        stem = f"bench_{tag}" if len(args.only) == 3 else f"bench_{tag}_{'_'.join(args.only)}"
+        paths = write_results(out, stem, env, result, KERNEL_HEADER, lines, title)
+        header = KERNEL_HEADER
+    print()
+    for note in result.get("notes", []):
+        print(f"note: {note}")
+    print(header)
+    print(separator(header))
+    print("\n".join(lines))
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()

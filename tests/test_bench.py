@@ -1,0 +1,114 @@
+"""bench.py: the bytes-moved formulas by hand arithmetic, the CPU mode end to end, bad flags."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+from dyt import dyt_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bytes_forward_is_read_x_plus_write_y():
+    # LLaMA-7B activation, one 4096-token sequence, bf16: 4096*4096 = 16,777,216 elements of
+    # 2 bytes; read once + written once = 67,108,864 bytes (64 MiB).
+    assert bench.bytes_forward(4096 * 4096, 2) == 67_108_864
+    # eight sequences in fp32: 134,217,728 elements * 4 bytes * 2 = 1 GiB
+    assert bench.bytes_forward(8 * 4096 * 4096, 4) == 1_073_741_824
+    # ViT-B, batch 128: 128*197*768 = 19,365,888 elements; bf16 -> 77,463,552 bytes
+    assert bench.bytes_forward(128 * 197 * 768, 2) == 77_463_552
+
+
+def test_bytes_backward_and_forward_backward():
+    # backward: read x, read dy, write dx = 3 passes; with the forward 5 passes
+    assert bench.bytes_backward(4096 * 4096, 2) == 100_663_296
+    assert bench.bytes_forward_backward(4096 * 4096, 2) == 167_772_160
+    assert bench.bytes_forward_backward(10, 4) == 200
+    assert bench.bytes_moved("fwd", 10, 4) == 80
+    assert bench.bytes_moved("fwd+bwd", 10, 2) == 100
+    with pytest.raises(ValueError):
+        bench.bytes_moved("bwd", 10, 2)
+
+
+def test_copy_bytes_and_bandwidth():
+    assert bench.bytes_copy(2 ** 28, 4) == 2 * 2 ** 30  # 1 GiB read + 1 GiB written
+    # 1e9 bytes in 1 ms is 1000 GB/s; 3e9 bytes in 1 ms is 3 TB/s
+    assert bench.bandwidth_gbps(1e9, 1.0) == pytest.approx(1000.0)
+    assert bench.bandwidth_gbps(3e9, 1.0) == pytest.approx(3000.0)
+
+
+def test_quantile_interpolates():
+    assert bench.quantile([3, 1, 2], 0.5) == 2
+    assert bench.quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert bench.quantile([1, 2, 3, 4, 5], 0.2) == pytest.approx(1.8)
+
+
+def test_saved_for_backward_by_hand():
+    # plain DyT saves x (for d/dalpha of alpha*x) and tanh(alpha*x) (for the tanh and gamma
+    # products): 2 activations. LayerNorm saves x and a mean and an rstd per row.
+    n, c = 64, 32
+    x = torch.randn(n, c)
+    alpha = torch.full((1,), 0.5, requires_grad=True)
+    w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    dyt_bytes = bench.saved_for_backward_bytes(lambda: dyt_reference(x, alpha, w, b).sum(), [alpha, w, b])
+    assert dyt_bytes == 2 * n * c * 4
+    ln_bytes = bench.saved_for_backward_bytes(
+        lambda: torch.nn.functional.layer_norm(x, (c,), w, b).sum(), [w, b])
+    assert ln_bytes == n * c * 4 + 2 * n * 4
+
+
+def run_bench(args, tmp_path, timeout):
+    start = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return proc, time.time() - start
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU mode")
+def test_cpu_mode_runs_under_a_minute_and_writes_results(tmp_path):
+    proc, seconds = run_bench([], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert seconds < 60, f"CPU mode took {seconds:.0f} s"
+    assert "need a GPU" in proc.stdout
+    result = json.loads((tmp_path / "bench_cpu.json").read_text())
+    env = result["environment"]
+    assert env["device"].startswith("CPU") and env["torch"] == torch.__version__ and env["date"]
+    assert result["copy_gbps"] > 0
+    rows = result["rows"]
+    assert {r["set"] for r in rows} == {"llama7b", "vit_b", "sweep"}
+    assert {r["direction"] for r in rows} == {"fwd", "fwd+bwd"}
+    timed = [r for r in rows if "ms" in r]
+    assert {r["op"] for r in timed} >= {"DyT plain", "DyT compile", "LayerNorm", "RMSNorm"}
+    for r in timed:
+        assert r["ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] * 1e6))
+        assert r["rel_err"] < 2e-2
+    fused = [r for r in rows if r["op"] == "DyT fused (Triton)"]
+    assert fused and all("GPU" in r["skipped"] for r in fused)
+    md = (tmp_path / "bench_cpu.md").read_text()
+    assert env["device"] in md and "| DyT compile |" in md
+
+
+def test_model_mode_tiny_on_cpu(tmp_path):
+    proc, _ = run_bench(["--model", "--device", "cpu", "--preset", "nano", "--seq", "32",
+                         "--passes", "2", "--warmup", "1"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench_model_nano_cpu.json").read_text())
+    by_model = {r["model"]: r for r in result["rows"]}
+    assert {"RMSNorm", "DyT plain", "identity (no norm)"} <= set(by_model)
+    assert by_model["RMSNorm"]["n_norm_layers"] == 2 * 4 + 1  # two per block and the final one
+    assert by_model["DyT plain"]["forward_backward_s"] > 0
+    assert "norm_forward_backward_s_subtract" in by_model["DyT plain"]
+
+
+@pytest.mark.parametrize("flags", [["--bogus"], ["--dtypes", "fp8"], ["--only", "resnet"],
+                                   ["--model", "--memory"], ["--preset", "gpt5"], ["--passes", "0"]])
+def test_bad_flags_give_one_line(flags, tmp_path):
+    proc, _ = run_bench(flags, tmp_path, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench.py: error:"), proc.stderr
