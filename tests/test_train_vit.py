@@ -1,0 +1,211 @@
+"""train_vit.py on CPU: tiny ViTs on tiny synthetic Fashion-MNIST-format IDX files.
+
+The synthetic images are easy to learn (each class is a grey level, plus noise), so a few
+dozen steps of a 2-block ViT show the loss falling."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_vit
+from train_vit import (DataError, load_fashion_mnist, mixup_cutmix, smooth_one_hot, rank_shard,
+                       read_idx, IDX_IMAGES_MAGIC, FASHION_MNIST_SYSTEM_DIR)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--batch_size", "16", "--eval_batch", "25",
+        "--warmup_steps", "2", "--lr", "3e-3", "--log_interval", "1", "--seed", "3",
+        "--hflip", "false"]
+# Every random part of the recipe on, so that the equality tests cover them.
+AUGMENT = ["--randaug_n", "2", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+           "--drop_path", "0.1", "--ema_decay", "0.9"]
+
+
+def write_idx(path, array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(data)
+
+
+def synthetic_images(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    # class c: grey level 25c + 10 with noise, visible in every patch (learnt in a few steps)
+    images = 25 * labels[:, None, None] + rng.integers(0, 20, (n, 28, 28))
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """Fashion-MNIST's four files: train gzipped, test raw (both forms are read); 400 training
+    images and 63 test images (an odd count: the 2-rank evaluation shards are uneven)."""
+    d = tmp_path_factory.mktemp("fmnist")
+    for split, n, ext in (("train", 400, ".gz"), ("t10k", 63, "")):
+        images, labels = synthetic_images(n, seed=len(split))
+        write_idx(str(d / f"{split}-images-idx3-ubyte{ext}"), images, 0x803)
+        write_idx(str(d / f"{split}-labels-idx1-ubyte{ext}"), labels, 0x801)
+    return d
+
+
+def rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in rows(out_dir) if "loss" in r}
+
+
+def final_eval(out_dir):
+    return [r for r in rows(out_dir) if "test_top1" in r][-1]
+
+
+def run(idx_dir, out_dir, *extra):
+    train_vit.main(TINY + ["--data_dir", str(idx_dir), "--out_dir", str(out_dir), *extra])
+    return losses(out_dir)
+
+
+def torchrun(idx_dir, out_dir, *extra, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train_vit.py"), *TINY,
+           "--data_dir", str(idx_dir), "--out_dir", str(out_dir), *extra]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return losses(out_dir)
+
+
+def shell(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_vit.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("norm", ["ln", "dyt"])
+def test_loss_falls(idx_dir, tmp_path, norm):
+    got = run(idx_dir, tmp_path, "--norm", norm, "--max_steps", "40")
+    values = [got[s] for s in sorted(got)]
+    assert np.mean(values[-5:]) < 0.85 * np.mean(values[:5]), values
+    last = final_eval(tmp_path)
+    assert last["test_loss"] < 0.9 * np.log(10)  # below chance level on held-out images
+    if norm == "dyt":  # the Figure 8 readout: every DyT layer's alpha and its input's 1/std
+        assert sum(k.startswith("alpha/") for k in last) == 5  # 2 blocks x 2 + the final one
+        assert sum(k.startswith("inv_std/") for k in last) == 5
+    assert os.path.exists(tmp_path / "metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def reference(idx_dir, tmp_path_factory):
+    """One process, global batch 16 as 4 micro-batches of 4, every augmentation on."""
+    out = tmp_path_factory.mktemp("ref")
+    return out, run(idx_dir, out, "--max_steps", str(STEPS), "--micro_batch", "4", *AUGMENT)
+
+
+def test_two_processes_match_one(idx_dir, tmp_path, reference):
+    # 2 ranks x 2 micro-batches of 4: the same 4 micro-batches of every step as the reference,
+    # each drawing the same augmentation, mixup and drop path wherever it runs.
+    ref_dir, ref = reference
+    got = torchrun(idx_dir, tmp_path, "--max_steps", str(STEPS), "--micro_batch", "4", *AUGMENT)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
+                               rtol=1e-5)
+    # Evaluation: 63 test images split 31/32 between ranks; exact counts summed over ranks.
+    mine, theirs = final_eval(tmp_path), final_eval(ref_dir)
+    for key in ("test_top1", "test_top5", "ema_top1"):
+        assert abs(mine[key] - theirs[key]) <= 1 / 63 + 1e-9, key
+    np.testing.assert_allclose(mine["test_loss"], theirs["test_loss"], rtol=1e-4)
+
+
+def test_resume_continues_exactly(idx_dir, tmp_path, reference):
+    ref_dir, ref = reference
+    run(idx_dir, tmp_path, "--max_steps", str(STEPS), "--micro_batch", "4", *AUGMENT, "--stop_at", "3")
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    got = run(idx_dir, tmp_path, "--max_steps", str(STEPS), "--micro_batch", "4", *AUGMENT, "--resume")
+    assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]  # bit for bit
+    assert final_eval(tmp_path)["ema_loss"] == final_eval(ref_dir)["ema_loss"]
+
+
+def test_mixup_cutmix_targets_sum_to_one():
+    rng = np.random.default_rng(0)
+    x = torch.randn(8, 3, 16, 16)
+    targets = smooth_one_hot(torch.arange(8) % 5, 5, 0.1)
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        for _ in range(10):
+            mixed, t = mixup_cutmix(x, targets, rng, mixup, cutmix)
+            assert mixed.shape == x.shape
+            torch.testing.assert_close(t.sum(1), torch.ones(8))
+            assert (t >= 0).all()
+
+
+def test_rank_shards_cover_every_item_once():
+    for n, world in ((63, 2), (10, 3), (2, 4), (10000, 8)):
+        shards = [rank_shard(n, r, world) for r in range(world)]
+        assert sum(e - s for s, e in shards) == n
+        assert all(shards[i][1] == shards[i + 1][0] for i in range(world - 1))
+
+
+def test_missing_and_corrupt_data(idx_dir, tmp_path):
+    # missing: one line from the shell, naming both fixes
+    p = shell("--data_dir", str(tmp_path / "nowhere"))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert "apt-get install dataset-fashion-mnist" in lines[0] and "--data_dir" in lines[0]
+    # corrupt: bad magic, truncated gzip, wrong size, labels/images count mismatch
+    bad = tmp_path / "bad"
+    shutil.copytree(idx_dir, bad)
+    images = bad / "train-images-idx3-ubyte.gz"
+    good = images.read_bytes()
+    images.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_fashion_mnist(str(bad))
+    write_idx(str(images), np.zeros((5, 28, 28)), 0x801)  # a labels magic on an images file
+    with pytest.raises(DataError, match="bad magic"):
+        load_fashion_mnist(str(bad))
+    with gzip.open(images, "wb") as f:  # a header promising more than the file has
+        f.write((0x803).to_bytes(4, "big") + (400).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+                + bytes(100))
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_fashion_mnist(str(bad))
+    write_idx(str(images), np.zeros((399, 28, 28)), 0x803)
+    with pytest.raises(DataError, match="399 images"):
+        load_fashion_mnist(str(bad))
+    p = shell("--data_dir", str(bad))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "train-labels-idx1-ubyte" in p.stderr or "train-images" in p.stderr
+    # bad flags and inconsistent values: one line too
+    for args in (["--patch_size", "5"], ["--norm", "batchnorm"], ["--nope", "1"]):
+        p = shell("--data_dir", str(idx_dir), *args)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+
+
+def test_presets_follow_the_papers():
+    cfg, _, _ = train_vit.tc.parse_config(train_vit.ViTTrainConfig, train_vit.PRESETS,
+                                          ["--preset", "vit_l_in1k", "--lr", "1e-3"])
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.img_size) == (1024, 24, 16, 16, 224)
+    assert (cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.drop_path) == (4096, 300, 20, 0.4)
+    assert (cfg.beta2, cfg.mixup, cfg.cutmix, cfg.reprob, cfg.label_smoothing) == (0.95, 0.8, 1.0, 0.25, 0.1)
+    assert cfg.lr == 1e-3 and cfg.ema_decay > 0  # a flag overrides the preset
+    cfg, _, _ = train_vit.tc.parse_config(train_vit.ViTTrainConfig, train_vit.PRESETS,
+                                          ["--preset", "vit_t_in100"])
+    assert (cfg.dim, cfg.batch_size, cfg.lr, cfg.dataset) == (192, 128, 1e-3, "imagenet100")
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist(tmp_path):
+    train_x, train_y, test_x, test_y = load_fashion_mnist("", download=False)
+    assert train_x.shape == (60000, 1, 28, 28) and test_x.shape == (10000, 1, 28, 28)
+    assert sorted(np.unique(train_y)) == list(range(10)) and len(test_y) == 10000
+    images = read_idx(os.path.join(FASHION_MNIST_SYSTEM_DIR, "t10k-images-idx3-ubyte.gz"), IDX_IMAGES_MAGIC)
+    assert images.dtype == np.uint8 and images.max() == 255
+    # the default path end to end, cut short: 30 steps already beat chance (0.1)
+    train_vit.main(["--dim", "32", "--depth", "2", "--heads", "2", "--max_steps", "30",
+                    "--warmup_steps", "3", "--eval_batch", "1000", "--out_dir", str(tmp_path)])
+    assert final_eval(tmp_path)["test_top1"] > 0.15
