@@ -342,6 +342,15 @@ def l2_bytes(device):
 
 def bench_kernels(args, device):
     ops, notes = kernel_ops(device)
+    notes = [
+        "bytes counted per row (N elements of e bytes): fwd = 2*N*e (read x, write y); fwd+bwd = "
+        "5*N*e (also read x and dy, write dx); parameters and per-row statistics not counted",
+        "timing: " + ("CUDA events via triton.testing.do_bench, median, L2 flushed before each call"
+                      if device.type == "cuda" else
+                      f"host clock, median, {torch.get_num_threads()} thread(s)")
+        + "; inputs rotated among several random buffers; speedup = time of RMSNorm (LayerNorm) / "
+        "time of the row; rel. err = relative norm error against float64 (y, and dx for fwd+bwd)",
+    ] + notes
     copy_gbps = measure_copy_bandwidth(device)
     print(f"device-to-device copy: {copy_gbps:.1f} GB/s (bytes read + written)", flush=True)
     rows = []
@@ -392,17 +401,17 @@ def bench_kernels(args, device):
     return dict(copy_gbps=copy_gbps, notes=notes, rows=rows)
 
 
-KERNEL_HEADER = ("| set | shape | dtype | pass | op | median ms | GB/s | % copy | vs RMSNorm | "
+KERNEL_HEADER = ("| set | shape | dtype | pass | op | median ms | p20-p80 ms | GB/s | % copy | vs RMSNorm | "
                  "vs LayerNorm | rel. err |")
 
 
 def format_kernel_row(r):
     if "ms" not in r:
         return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
-                f"skipped: {r['skipped']} | | | | | |")
+                f"skipped: {r['skipped']} | | | | | | |")
     ratio = lambda v: f"{v:.2f}x" if v else "-"
     return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
-            f"{r['ms']:.4f} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | {ratio(r['vs_rms'])} | "
+            f"{r['ms']:.4f} | {r['ms_p20']:.4f}-{r['ms_p80']:.4f} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | {ratio(r['vs_rms'])} | "
             f"{ratio(r['vs_ln'])} | {r['rel_err']:.1e} |")
 
 
@@ -465,7 +474,8 @@ class Clock:
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            return lambda: self.begin.elapsed_time(end)  # read after a synchronize
+            begin = self.begin  # this call's start: the next call replaces self.begin
+            return lambda: begin.elapsed_time(end)  # read after a synchronize
         elapsed = 1e3 * (time.perf_counter() - self.begin)
         return lambda: elapsed
 
@@ -688,7 +698,8 @@ def environment(device):
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python " + " ".join(sys.argv),
                 # other work on the machine while we ran (timings on a shared CPU depend on it)
-                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                dyt_tanh=os.environ.get("DYT_TANH", "auto"))  # kernel.py's tanh choice
 
 
 def cpu_model():
@@ -710,7 +721,10 @@ def write_results(out_dir, stem, env, result, header, lines, title):
     json_path.write_text(json.dumps(dict(environment=env, **result), indent=1) + "\n")
     md = [f"# {title}", "",
           f"Device: {env['device']}. torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-          f"Python {env['python']}. {env['date']}. Command: `{env['command']}`.", ""]
+          f"Python {env['python']}. {env['date']}. Command: `{env['command']}`."
+          + (f" Load average while running (other work on this machine): "
+             f"{', '.join(f'{v:.1f}' for v in env['load_average'])}." if env.get("load_average") else ""),
+          ""]
     md += [f"- {note}" for note in result.get("notes", [])]
     md += ["", header, separator(header)]
     md += lines
