@@ -710,3 +710,27 @@ class Timer:
         now = time.perf_counter()
         dt, self.t = now - self.t, now
         return dt
+
+
+# ---------------------------------------------------------------------------------------------
+# The other half of the DyT paper's Figure 8 (added for train_vit.py; usable by any trainer)
+
+@torch.no_grad()
+def dyt_input_inv_stds(model, run_forward):
+    """{"inv_std/<layer name>": 1/std of its input} for every DyT-like layer.
+
+    Forward hooks record the std (over all elements) of each layer's input while
+    run_forward() runs the model once, e.g. on a fixed probe batch in eval mode. The DyT paper
+    plots each layer's alpha against this (Figure 8: alpha tracks 1/std of its input);
+    dyt_alphas gives the alphas under the same layer names."""
+    from model import dyt_layers
+    stds, hooks = {}, []
+    for name, layer in dyt_layers(unwrap(model)):
+        hooks.append(layer.register_forward_hook(
+            lambda mod, inputs, out, name=name: stds.__setitem__(name, inputs[0].float().std().item())))
+    try:
+        run_forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"inv_std/{name}": 1.0 / max(std, 1e-12) for name, std in stds.items()}
