@@ -662,27 +662,20 @@ def test_batches(test, cfg, dist):
 @torch.no_grad()
 def dyt_readout(model, probe, ctx):
     """Each DyT layer's alpha and 1/std of its input on a fixed probe batch (the DyT paper's
-    Figure 8: alpha tracks 1/std during training). A forward hook measures the input's std
-    over all its elements; the model runs once in eval mode (no drop path)."""
-    layers = dyt_layers(model)
-    if not layers:
+    Figure 8: alpha tracks 1/std during training), with the model in eval mode (no drop path)."""
+    if not dyt_layers(model):
         return {}
-    stds, hooks = {}, []
-    for name, layer in layers:
-        hooks.append(layer.register_forward_hook(
-            lambda mod, inputs, out, name=name: stds.__setitem__(name, inputs[0].float().std().item())))
     was_training = model.training
     model.eval()
-    try:
+
+    def forward():
         with ctx:
             model(probe)
+    try:
+        out = tc.dyt_input_inv_stds(model, forward)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    out = tc.dyt_alphas(model)
-    out.update({f"inv_std/{name}": 1.0 / max(std, 1e-12) for name, std in stds.items()})
-    return out
+    return {**tc.dyt_alphas(model), **out}
 
 
 # ---------------------------------------------------------------------------------------------
