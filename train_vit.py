@@ -698,7 +698,7 @@ def load_data(cfg, device):
         raise DataError(f"{cfg.dataset}: images are {train_x.shape[2:]}, expected {size}x{size}")
     if cfg.img_size != size:
         raise tc.UserError(f"--img_size {cfg.img_size}: {cfg.dataset} images are {size}x{size}; "
-                           f"use --img_size {size}")
+                           f"use --preset {cfg.dataset}, or --img_size {size}")
     return (InMemoryImages(train_x, train_y, mean, std, device),
             InMemoryImages(test_x, test_y, mean, std, device), classes, chans)
 

@@ -6,16 +6,18 @@ dozen steps of a 2-block ViT show the loss falling."""
 import gzip
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 
 import train_vit
-from train_vit import (DataError, load_fashion_mnist, mixup_cutmix, smooth_one_hot, rank_shard,
+from train_vit import (DataError, load_cifar, load_fashion_mnist, mixup_cutmix, smooth_one_hot, rank_shard,
                        read_idx, IDX_IMAGES_MAGIC, FASHION_MNIST_SYSTEM_DIR)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +186,26 @@ def test_missing_and_corrupt_data(idx_dir, tmp_path):
     for args in (["--patch_size", "5"], ["--norm", "batchnorm"], ["--nope", "1"]):
         p = shell("--data_dir", str(idx_dir), *args)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+
+
+def test_cifar_pickles_from_folder_and_archive(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (7, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, 7))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    train_x, train_y, test_x, test_y = load_cifar(str(tmp_path), 10)
+    assert train_x.shape == (35, 3, 32, 32) and test_x.shape == (7, 3, 32, 32)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    shutil.rmtree(folder)
+    from_archive = load_cifar(str(tmp_path / "cifar-10-python.tar.gz"), 10)
+    np.testing.assert_array_equal(from_archive[0], train_x)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
+        load_cifar(str(tmp_path), 10)
 
 
 def test_presets_follow_the_papers():
