@@ -1,0 +1,968 @@
+"""
+The DyT papers' analyses of what normalisation and DyT do, as commands that write a table and
+a picture each (PNG; matplotlib is optional: without it the tables are still written).
+
+    python analyze.py s_curves        --ckpt out_vit_ln            # Figures 2 and 4
+    python analyze.py alpha_std       --run out_vit_dyt            # Figure 8
+    python analyze.py ablations       --epochs 1                   # Tables 8-9, ViT study Table 5
+    python analyze.py alpha0          --model vit --alpha0 0.1,0.5,1,2,4
+    python analyze.py alpha0          --model gpt --alpha0_attn 0.5,1,2 --alpha0_other 0.5,1,2
+    python analyze.py robustness      --ckpt out_vit_ln --ckpt out_vit_dyt   # ViT study sec. 6
+    python analyze.py representations --ckpt out_vit_ln --ckpt out_vit_dyt   # secs. 7-8
+
+--ckpt takes a ckpt.pt written by train_vit.py or train_gpt.py, or the directory holding it.
+Everything lands in --results (default results/analysis) as NAME.png, NAME.md and NAME.csv,
+and the table is printed. Bad input gives a one-line `error:` and exit code 2.
+
+The functions work on any nn.Module too (e.g. a Hugging Face model): norm layers are found
+the way dyt.convert_to_dyt finds them (torch's LayerNorm/RMSNorm and, by class name, other
+libraries' LayerNorm/RMSNorm/LayerNorm2d), DyT layers with dyt.is_dynamic, and the blocks are
+the model's longest nn.ModuleList. Every hook is removed when an analysis ends, even on error.
+"""
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train_common as tc
+from dyt import DyT, DynamicSquash, _norm_kind, is_dynamic
+from model import GPT, GPTConfig, ViT, ViTConfig
+
+RESULTS_DIR = os.path.join("results", "analysis")
+
+
+class AnalysisError(tc.UserError):
+    """Bad input to an analysis: printed as one `error:` line by tc.main_guard."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Checkpoints and the batches to analyse them on
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, "vit" or "gpt", the checkpoint dict) from a train_vit.py or
+    train_gpt.py checkpoint file, or the out_dir holding ckpt.pt."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".metadata")) or os.path.isdir(os.path.join(path, "ckpt_dcp")):
+            raise AnalysisError(f"{path} is a sharded (FSDP) checkpoint; convert it to one file "
+                                "with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise AnalysisError(f"no checkpoint at {path}; give a ckpt.pt from train_vit.py or "
+                            "train_gpt.py, or the out_dir holding it")
+    state = tc.load_checkpoint(path)
+    config = state.get("model_config") or {}
+    try:
+        if "patch_size" in config:
+            model, kind = ViT(ViTConfig(**config)), "vit"
+        elif "vocab_size" in config:
+            model, kind = GPT(GPTConfig(**config)), "gpt"
+        else:
+            raise AnalysisError(f"{path} has no ViT or GPT model_config; is it a checkpoint "
+                                "from train_vit.py or train_gpt.py?")
+        model.load_state_dict(state["model"])
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise AnalysisError(f"{path}: cannot build its model ({str(e).splitlines()[0][:160]})")
+    return model.to(device).eval(), kind, state
+
+
+def run_name(path):
+    """A short tag for file names and legends: the checkpoint's directory name."""
+    path = os.path.abspath(path)
+    return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
+def vit_test_set(state, data_dir="", device="cpu"):
+    """The test split the ViT was evaluated on (train_vit.InMemoryImages)."""
+    import train_vit
+    saved = state.get("config") or {}
+    known = {f.name for f in fields(train_vit.ViTTrainConfig)}
+    cfg = train_vit.ViTTrainConfig(**{k: v for k, v in saved.items() if k in known})
+    if data_dir:
+        cfg.data_dir = data_dir
+    cfg.download = False  # analyses never download
+    _, test, _, _ = train_vit.load_data(cfg, torch.device(device))
+    if not isinstance(test, train_vit.InMemoryImages):
+        raise AnalysisError(f"{cfg.dataset}: the analyses read the small in-memory datasets "
+                            "(Fashion-MNIST, CIFAR) only")
+    return test
+
+
+def gpt_val_tokens(state, n_seqs, data=""):
+    """(x, y): the first n_seqs validation windows of the GPT's data, as in its evaluation."""
+    import data as data_lib
+    saved = state.get("train_config") or {}
+    data_dir = data_lib.resolve_data_dir(data or saved.get("data", "default"))
+    val = data_lib.TokenDataset(data_dir, "val")
+    seq_len = state["model_config"]["block_size"]
+    xs, ys = zip(*data_lib.val_windows(val, seq_len, n_seqs * seq_len, batch=n_seqs))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def analysis_batch(kind, state, n, data_dir="", offset=0):
+    """n inputs and their targets: test images for a ViT, validation windows for a GPT."""
+    if kind == "vit":
+        test = vit_test_set(state, data_dir)
+        if offset + n > len(test):
+            raise AnalysisError(f"asked for {n} images from {offset}, the test set has {len(test)}")
+        return test.batch(np.arange(offset, offset + n))
+    return gpt_val_tokens(state, n, data_dir)
+
+
+def loss_and_accuracy(model, kind, x, y, batch=500):
+    """Mean cross-entropy and top-1 accuracy (next-token accuracy for a GPT) on (x, y)."""
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            logits = model(xb) if kind == "vit" else model(xb)[0]
+            logits, yb = logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1)
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(-1) == yb).sum().item()
+            count += yb.numel()
+    return loss_sum / count, correct / count
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Finding the layers, and hooks that always come off
+
+
+@dataclass
+class NormLayer:
+    name: str
+    module: nn.Module
+    kind: str            # "ln", "rms" or "dyt" (DyT and its variants)
+    channels_last: bool
+
+
+def norm_layers(model):
+    """Every LayerNorm/RMSNorm (as convert_to_dyt sees them) and every DyT-like layer."""
+    out = []
+    for name, module in model.named_modules():
+        if is_dynamic(module):
+            out.append(NormLayer(name, module, "dyt", module.channels_last))
+        elif module is not model and _norm_kind(module) is not None:
+            kind, channels_last = _norm_kind(module)
+            out.append(NormLayer(name, module, kind, channels_last))
+    return out
+
+
+def select_layers(layers, wanted):
+    """The layers named in `wanted` (names or indices, comma-separated; "all"), else all."""
+    if not wanted or wanted == "all":
+        return layers
+    chosen = []
+    for item in wanted.split(","):
+        item = item.strip()
+        if item.lstrip("-").isdigit() and not any(l.name == item for l in layers):
+            index = int(item)
+            if not -len(layers) <= index < len(layers):
+                raise AnalysisError(f"layer index {index} out of range: the model has "
+                                    f"{len(layers)} norm layers (0-{len(layers) - 1})")
+            chosen.append(layers[index])
+        else:
+            match = [l for l in layers if l.name == item]
+            if not match:
+                raise AnalysisError(f"no norm layer {item!r}; the model has "
+                                    f"{', '.join(l.name for l in layers)}")
+            chosen.append(match[0])
+    return chosen
+
+
+def spread(items, k):
+    """k items evenly spread over the list, first and last included (for plots)."""
+    if len(items) <= k:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def model_blocks(model):
+    """The transformer blocks: model.blocks, else the longest nn.ModuleList in the model."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        return [(f"blocks.{i}", b) for i, b in enumerate(blocks)]
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise AnalysisError(f"{type(model).__name__} has no nn.ModuleList of blocks")
+    name, longest = max(lists, key=lambda nm: len(nm[1]))
+    return [(f"{name}.{i}", b) for i, b in enumerate(longest)]
+
+
+@contextlib.contextmanager
+def hooks_removed_after():
+    """Collects hook handles; removes every one on exit, whatever happened inside."""
+    handles = []
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def channels_last_view(x, channels_last):
+    """x with channels as the last dim (a channels-first [B, C, H, W] norm input is moved)."""
+    return x if channels_last else x.movedim(1, -1)
+
+
+def before_affine(layer, x):
+    """What the layer computes from x before its affine (gamma, beta), channels last:
+    (x - mean) / std for LayerNorm, x / rms for RMSNorm, f(alpha x) for DyT and variants."""
+    m = layer.module
+    x = channels_last_view(x.float(), layer.channels_last)
+    eps = getattr(m, "eps", None) or getattr(m, "variance_epsilon", None) or torch.finfo(x.dtype).eps
+    if layer.kind == "ln":
+        return (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    if layer.kind == "rms":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    alpha = getattr(m, "alpha", None)
+    scaled = x if alpha is None else alpha.detach().float() * x  # per-channel alpha broadcasts
+    fn = torch.tanh if isinstance(m, DyT) else m.fn
+    return fn(scaled)
+
+
+def capture_norm_io(model, layers, x):
+    """{name: (input, normalised value before the affine)} of each layer on one forward."""
+    captured = {}
+    with hooks_removed_after() as handles, torch.no_grad():
+        for layer in layers:
+            def hook(module, inputs, output, layer=layer):
+                captured[layer.name] = (channels_last_view(inputs[0].detach().float(), layer.channels_last),
+                                        before_affine(layer, inputs[0].detach()))
+            handles.append(layer.module.register_forward_hook(hook))
+        model(x)
+    return captured
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Output: tables (always) and plots (when matplotlib is there)
+
+
+def write_table(rows, results_dir, name, title=""):
+    """rows (list of dicts) as NAME.md and NAME.csv in results_dir; prints the markdown."""
+    os.makedirs(results_dir, exist_ok=True)
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ([f"## {title}", ""] if title else []) + [
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(results_dir, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    print(text, flush=True)
+    return text
+
+
+_WARNED = []
+
+
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None (with one note) when missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        if not _WARNED:
+            print("note: matplotlib is not installed (pip install matplotlib): writing tables "
+                  "only, no plots", file=sys.stderr)
+            _WARNED.append(True)
+        return None
+
+
+def save_figure(fig, results_dir, name):
+    path = os.path.join(results_dir, f"{name}.png")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. S-curves (DyT paper Figures 2 and 4)
+
+
+def fit_tanh(x, y, free_scale=True):
+    """The alpha (and scale s) minimising sum (y - s tanh(alpha x))^2 (s = 1 if not free).
+
+    For a given alpha the best scale is closed-form, so the search is over alpha alone: a
+    log-spaced grid, then golden-section refinement around the best grid point. Returns
+    (alpha, scale, r2)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+
+    def sse_and_scale(alpha):
+        t = np.tanh(alpha * x)
+        s = (t @ y) / max(t @ t, 1e-300) if free_scale else 1.0
+        return float(((y - s * t) ** 2).sum()), s
+
+    grid = np.logspace(-4, 4, 161)
+    errors = [sse_and_scale(a)[0] for a in grid]
+    i = int(np.argmin(errors))
+    lo, hi = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(60):  # golden section in log alpha: the bracket shrinks to ~1e-13
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if sse_and_scale(math.exp(a))[0] < sse_and_scale(math.exp(b))[0]:
+            hi = b
+        else:
+            lo = a
+    alpha = math.exp((lo + hi) / 2)
+    sse, scale = sse_and_scale(alpha)
+    total = float(((y - y.mean()) ** 2).sum())
+    return alpha, scale, 1 - sse / total if total > 0 else float("nan")
+
+
+def cmd_s_curves(args):
+    model, kind, state = load_model(args.ckpt)
+    x, _ = analysis_batch(kind, state, args.n, args.data_dir)
+    all_layers = norm_layers(model)
+    if not all_layers:
+        raise AnalysisError(f"{args.ckpt}: the model has no LayerNorm/RMSNorm/DyT layer")
+    layers = select_layers(all_layers, args.layers)
+    captured = capture_norm_io(model, layers, x)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for layer in layers:
+        inp, out = (t.reshape(-1, t.shape[-1]) for t in captured[layer.name])  # [tokens, C]
+        flat = rng.permutation(inp.numel())[:args.fit_points]  # a random subset fits as well
+        xi, yo = inp.flatten()[flat].numpy(), out.flatten()[flat].numpy()
+        alpha, scale, r2 = fit_tanh(xi, yo)
+        alpha1, _, r2_1 = fit_tanh(xi, yo, free_scale=False)
+        row = {"layer": layer.name, "kind": layer.kind, "alpha_fit": alpha, "scale_fit": scale,
+               "r2": r2, "alpha_fit_scale1": alpha1, "r2_scale1": r2_1,
+               "inv_std_input": 1.0 / max(inp.std().item(), 1e-12),
+               "frac_linear": float((inp.abs() * alpha < 0.5).float().mean())}
+        if layer.kind == "dyt" and getattr(layer.module, "alpha", None) is not None:
+            row["alpha_learnt"] = float(layer.module.alpha.detach().float().mean())
+        rows.append(row)
+    name = f"s_curves_{args.tag or run_name(args.ckpt)}"
+    write_table(rows, args.results, name,
+                f"S-curves of {args.ckpt} ({kind}, {args.n} inputs): least-squares fit of "
+                "s*tanh(alpha*x) to the normalised output (before the affine); frac_linear: "
+                "share of inputs with |alpha x| < 0.5")
+    plt = pyplot()
+    if plt is not None:
+        plot_s_curves(plt, [l for l in layers if l.name in spread([l.name for l in layers], args.plot_layers)],
+                      captured, {r["layer"]: r for r in rows}, rng, args, name)
+    return rows
+
+
+def plot_s_curves(plt, layers, captured, fits, rng, args, name):
+    """Three rows per chosen layer: all points with the fitted tanh; coloured by token;
+    coloured by channel. Points are subsampled (and rasterised) to keep the PNG small."""
+    fig, axes = plt.subplots(3, len(layers), figsize=(3.2 * len(layers), 8.4), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for col, layer in enumerate(layers):
+        inp, out = (t.reshape(-1, t.shape[-1]).numpy() for t in captured[layer.name])
+        fit = fits[layer.name]
+        ax = axes[0, col]
+        pick = rng.permutation(inp.size)[:args.plot_points]
+        ax.scatter(inp.flat[pick], out.flat[pick], s=1, c="0.5", alpha=0.3, rasterized=True)
+        grid = np.linspace(inp.min(), inp.max(), 200)
+        ax.plot(grid, fit["scale_fit"] * np.tanh(fit["alpha_fit"] * grid), "r-", lw=1.2,
+                label=f"{fit['scale_fit']:.2f} tanh({fit['alpha_fit']:.3g} x)")
+        ax.set_title(f"{layer.name} ({layer.kind})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        # by token: tokens whose input std spans the batch's range (each is a straight line
+        # for a norm: one token's mean and std are shared by all its channels)
+        ax = axes[1, col]
+        token_std = inp.std(1)
+        for i, t in enumerate(np.argsort(token_std)[np.linspace(0, len(token_std) - 1, 6).astype(int)]):
+            ax.scatter(inp[t], out[t], s=2, color=colors[i], rasterized=True)
+        ax.set_title("coloured by token", fontsize=8)
+        # by channel: the channels with the largest |input| (they make the tails) and others
+        ax = axes[2, col]
+        extreme = np.argsort(np.abs(inp).max(0))[::-1][:3]
+        others = rng.choice(np.setdiff1d(np.arange(inp.shape[1]), extreme), 3, replace=False)
+        tokens = rng.permutation(inp.shape[0])[:2000]
+        for i, c in enumerate(np.concatenate([extreme, others])):
+            ax.scatter(inp[tokens, c], out[tokens, c], s=2, color=colors[i], rasterized=True)
+        ax.set_title("coloured by channel", fontsize=8)
+        ax.set_xlabel("input x")
+    axes[0, 0].set_ylabel("output before affine")
+    fig.suptitle(f"{name}: input vs normalised output", fontsize=10)
+    save_figure(fig, args.results, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. alpha vs 1/std of the DyT input (DyT paper Figure 8)
+
+
+def read_log(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise AnalysisError(f"no metrics.jsonl in {run_dir}; pass a train_vit.py/train_gpt.py out_dir")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def dyt_readout_now(model, x):
+    """{layer: (alpha, 1/std of its input)} on x: the readout train_vit.py logs (std over
+    all elements of the input, eval mode), for any model with DyT layers."""
+    layers = [l for l in norm_layers(model) if l.kind == "dyt" and getattr(l.module, "alpha", None) is not None]
+    captured = capture_norm_io(model, layers, x)
+    return {l.name: (float(l.module.alpha.detach().float().mean()),
+                     1.0 / max(captured[l.name][0].std().item(), 1e-12)) for l in layers}
+
+
+def cmd_alpha_std(args):
+    rows, runs = [], []
+    for run_dir in args.run:
+        log = read_log(run_dir)
+        # the DyT layers in the order the model logs them (model order)
+        names = list(dict.fromkeys(k[len("alpha/"):] for r in log for k in r if k.startswith("alpha/")))
+        if not names:
+            raise AnalysisError(f"{run_dir}: the log has no alpha/ columns; was it a DyT run?")
+        readouts = [r for r in log if any(k.startswith("inv_std/") for k in r)]
+        final = {}
+        ckpt = os.path.join(run_dir, "ckpt.pt")
+        if os.path.isfile(ckpt):  # the end of training, measured now on analysis inputs
+            model, kind, state = load_model(ckpt)
+            # --data_dir is for the ViT runs (image folder); a GPT reads its own token data
+            x, _ = analysis_batch(kind, state, args.n, args.data_dir if kind == "vit" else "")
+            final = dyt_readout_now(model, x)
+        elif readouts:
+            final = {n: (readouts[-1][f"alpha/{n}"], readouts[-1][f"inv_std/{n}"]) for n in names
+                     if f"inv_std/{n}" in readouts[-1]}
+        tag = run_name(run_dir)
+        for n in names:
+            over = [(r[f"alpha/{n}"], r[f"inv_std/{n}"]) for r in readouts
+                    if f"alpha/{n}" in r and f"inv_std/{n}" in r]
+            a_end, s_end = final.get(n, (float("nan"), float("nan")))
+            rows.append({"run": tag, "layer": n, "alpha_end": a_end, "inv_std_end": s_end,
+                         "alpha_x_std": a_end / s_end if s_end == s_end else float("nan"),
+                         "readouts": len(over),
+                         "corr_over_training": pearson(*zip(*over)) if len(over) > 1 else float("nan")})
+        runs.append((tag, log, names, readouts, final))
+    summary = []
+    for tag, _, names, readouts, final in runs:
+        mine = [r for r in rows if r["run"] == tag]
+        over = [r["corr_over_training"] for r in mine if r["corr_over_training"] == r["corr_over_training"]]
+        summary.append({"run": tag, "layers": len(mine),
+                        "corr_across_layers_end": pearson([r["alpha_end"] for r in mine],
+                                                          [r["inv_std_end"] for r in mine]),
+                        "mean_corr_over_training": float(np.mean(over)) if over else float("nan"),
+                        "pooled_corr_all_readouts": pearson(
+                            [r[f"alpha/{n}"] for r in readouts for n in names if f"inv_std/{n}" in r],
+                            [r[f"inv_std/{n}"] for r in readouts for n in names if f"inv_std/{n}" in r])})
+    name = f"alpha_std_{args.tag or '_'.join(t for t, *_ in runs)}"
+    write_table(rows, args.results, name, "alpha and 1/std of each DyT layer's input")
+    write_table(summary, args.results, f"{name}_summary",
+                "Pearson correlation of alpha with 1/std (over training per layer; across layers at the end)")
+    plt = pyplot()
+    if plt is not None:
+        plot_alpha_std(plt, runs, args, name)
+    return rows, summary
+
+
+def plot_alpha_std(plt, runs, args, name):
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.6 * len(runs)), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for i, (tag, log, names, readouts, final) in enumerate(runs):
+        ax = axes[i, 0]
+        for j, n in enumerate(spread(names, 4)):
+            steps = [r["step"] for r in log if f"alpha/{n}" in r]
+            ax.plot(steps, [r[f"alpha/{n}"] for r in log if f"alpha/{n}" in r], color=colors[j],
+                    label=f"alpha {n}")
+            pts = [(r["step"], r[f"inv_std/{n}"]) for r in readouts if f"inv_std/{n}" in r]
+            if pts:
+                ax.plot(*zip(*pts), "--o", ms=2, color=colors[j], label=f"1/std {n}")
+        ax.set_xlabel("step")
+        ax.set_title(f"{tag}: alpha (solid) and 1/std of input (dashed) over training", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+        ax = axes[i, 1]
+        pts = [(final[n][1], final[n][0], k) for k, n in enumerate(names) if n in final]
+        if pts:
+            s, a, depth = zip(*pts)
+            sc = ax.scatter(s, a, c=depth, cmap="viridis")
+            fig.colorbar(sc, ax=ax, label="layer index")
+            ax.set_title(f"end of training, across layers: r = {pearson(s, a):.2f}", fontsize=9)
+        ax.set_xlabel("1/std of input")
+        ax.set_ylabel("alpha")
+    save_figure(fig, args.results, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Training sweeps: ablations (DyT paper Tables 8-9, ViT study Table 5) and alpha0
+
+
+# ablation row -> train_vit.py --norm (dyt.NORMS)
+ABLATIONS = {"ln": "ln", "tanh": "dyt", "hardtanh": "hardtanh", "sigmoid": "sigmoid",
+             "softsign": "softsign", "arctan": "arctan", "clamp": "clamp",
+             "gelu_clip": "gelu_clip", "rational": "rational", "identity": "dyt_identity",
+             "dyt_noalpha": "dyt_noalpha", "dyt_channel": "dyt_channel"}
+
+
+def train_one(trainer, argv, out_dir, reuse=False):
+    """Train in this process with trainer.main(argv + --out_dir); return what happened:
+    status ok / diverged (NaN or exploded loss: the trainer's LossGuard stops the run),
+    and the last logged metrics. With reuse, a finished run in out_dir is read back."""
+    done_marker = os.path.join(out_dir, "analyze_result.json")
+    if reuse and os.path.isfile(done_marker):
+        with open(done_marker) as f:
+            return json.load(f)
+    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh log, not appended to an old one
+    status = "ok"
+    try:
+        trainer.main(argv + ["--out_dir", out_dir])
+    except tc.TrainingDiverged as e:
+        status = "diverged: " + str(e).split(":")[0]
+    except SystemExit as e:  # argparse in the trainer: a bad pass-through flag
+        raise AnalysisError(f"the trainer rejected {' '.join(argv)} (exit {e.code})")
+    log = read_log(out_dir) if os.path.exists(os.path.join(out_dir, "metrics.jsonl")) else []
+    result = {"status": status}
+    train_rows = [r for r in log if "loss" in r]
+    if train_rows:
+        result.update(steps=train_rows[-1]["step"], train_loss=train_rows[-1]["loss"])
+    for key in ("test_top1", "test_top5", "test_loss", "val_loss", "val_bpb"):
+        evals = [r for r in log if key in r]
+        if evals and status == "ok":
+            result[key] = evals[-1][key]
+    if status != "ok" or any(not math.isfinite(r.get("loss", 0.0)) for r in log):
+        result["status"] = status if status != "ok" else "diverged: non-finite loss"
+    with open(done_marker, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def budget_flags(args):
+    flags = []
+    if args.epochs is not None:
+        flags += ["--epochs", str(args.epochs)]
+    if args.steps:
+        flags += ["--max_steps", str(args.steps)]
+    if getattr(args, "data_dir", ""):
+        flags += ["--data_dir", args.data_dir]
+    return flags + shlex.split(args.train_args) + ["--seed", str(args.seed)]
+
+
+def cmd_ablations(args):
+    import train_vit
+    names = [n.strip() for n in args.norms.split(",") if n.strip()]
+    for n in names:
+        if n not in ABLATIONS:
+            raise AnalysisError(f"unknown ablation {n!r}; choose from {', '.join(ABLATIONS)}")
+    rows = []
+    for n in names:
+        print(f"--- ablation {n} (--norm {ABLATIONS[n]})", flush=True)
+        result = train_one(train_vit, ["--norm", ABLATIONS[n]] + budget_flags(args),
+                           os.path.join(args.out_dir, n), args.reuse)
+        rows.append({"variant": n, "norm_flag": ABLATIONS[n], **result})
+    write_table(rows, args.results, "ablations",
+                f"ViT ablations, train_vit.py {' '.join(budget_flags(args))}: test accuracy "
+                "(diverged runs marked)")
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 0.35 * len(rows) + 1))
+        top1 = [r.get("test_top1", 0.0) if r["status"] == "ok" else 0.0 for r in rows]
+        bars = ax.barh([r["variant"] for r in rows], top1,
+                       color=["C3" if r["status"] != "ok" else "C0" for r in rows])
+        for bar, r in zip(bars, rows):
+            ax.text(bar.get_width() + 0.005, bar.get_y() + bar.get_height() / 2,
+                    f"{r['test_top1']:.4f}" if r["status"] == "ok" else "diverged",
+                    va="center", fontsize=8)
+        ok = [t for t in top1 if t > 0]
+        ax.set_xlim(min(ok) - 0.05 if ok else 0, 1.0)
+        ax.invert_yaxis()
+        ax.set_xlabel("test top-1")
+        ax.set_title("ViT squashing / alpha ablations", fontsize=10)
+        save_figure(fig, args.results, "ablations")
+    return rows
+
+
+def floats(text, flag):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise AnalysisError(f"{flag} takes comma-separated numbers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise AnalysisError(f"{flag} needs positive values, got {text!r}")
+    return values
+
+
+def cmd_alpha0(args):
+    rows = []
+    if args.model == "vit":
+        import train_vit
+        for a in floats(args.alpha0, "--alpha0"):
+            print(f"--- alpha0 {a}", flush=True)
+            result = train_one(train_vit, ["--norm", "dyt", "--alpha0", str(a)] + budget_flags(args),
+                               os.path.join(args.out_dir, f"vit_alpha0_{a:g}"), args.reuse)
+            rows.append({"alpha0": a, **result})
+        write_table(rows, args.results, "alpha0_vit",
+                    f"ViT alpha0 sweep, train_vit.py --norm dyt {' '.join(budget_flags(args))}")
+        plt = pyplot()
+        if plt is not None:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ok = [r for r in rows if r["status"] == "ok"]
+            ax.semilogx([r["alpha0"] for r in ok], [r["test_top1"] for r in ok], "o-")
+            for r in rows:
+                if r["status"] != "ok":
+                    ax.axvline(r["alpha0"], color="C3", ls=":", label="diverged")
+            ax.set_xlabel("alpha0")
+            ax.set_ylabel("test top-1")
+            ax.set_title("ViT: accuracy vs DyT alpha0", fontsize=10)
+            save_figure(fig, args.results, "alpha0_vit")
+        return rows
+    import train_gpt
+    attn, other = floats(args.alpha0_attn, "--alpha0_attn"), floats(args.alpha0_other, "--alpha0_other")
+    grid = np.full((len(attn), len(other)), np.nan)
+    for i, a in enumerate(attn):
+        for j, o in enumerate(other):
+            print(f"--- alpha0 attention {a}, other {o}", flush=True)
+            argv = ["--norm", "dyt", "--alpha0_attn", str(a), "--alpha0_other", str(o),
+                    "--sample_tokens", "0", "--ckpt_interval", "0", "--device", "cpu"]
+            if args.epochs is not None:
+                raise AnalysisError("--epochs is for the ViT; give the GPT sweep --steps")
+            # the GPT trainer reads its data from --data (a prepared directory or "default")
+            flags = [f if f != "--data_dir" else "--data" for f in budget_flags(args)]
+            result = train_one(train_gpt, argv + flags,
+                               os.path.join(args.out_dir, f"gpt_alpha0_{a:g}_{o:g}"), args.reuse)
+            rows.append({"alpha0_attn": a, "alpha0_other": o, **result})
+            if result["status"] == "ok" and "val_loss" in result:
+                grid[i, j] = result["val_loss"]
+    write_table(rows, args.results, "alpha0_gpt",
+                f"GPT alpha0 sweep (attention x other), train_gpt.py --norm dyt {' '.join(budget_flags(args))}")
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(1.1 * len(other) + 2.5, 0.9 * len(attn) + 1.8))
+        im = ax.imshow(grid, cmap="viridis_r")
+        for i in range(len(attn)):
+            for j in range(len(other)):
+                ax.text(j, i, "diverged" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}",
+                        ha="center", va="center", fontsize=8,
+                        color="red" if np.isnan(grid[i, j]) else "white")
+        ax.set_xticks(range(len(other)), [f"{o:g}" for o in other])
+        ax.set_yticks(range(len(attn)), [f"{a:g}" for a in attn])
+        ax.set_xlabel("alpha0 other (MLP, final)")
+        ax.set_ylabel("alpha0 attention")
+        fig.colorbar(im, ax=ax, label="val loss")
+        ax.set_title("GPT val loss vs DyT alpha0", fontsize=10)
+        save_figure(fig, args.results, "alpha0_gpt")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Robustness to perturbations of the norm input (ViT study section 6)
+
+
+PERTURBATIONS = ([("clean", None, 0.0), ("noise 1 std", "noise", 1.0)]
+                 + [(f"scale x{s:g}", "scale", s) for s in (0.5, 2, 5, 100)]
+                 + [(f"bias +{b:g} std", "bias", b) for b in (0.5, 2)])
+
+
+def input_stats(model, layers, x):
+    """{layer: (std of its input over all elements, channel count)} on the clean batch."""
+    captured = capture_norm_io(model, layers, x)
+    return {l.name: (captured[l.name][0].std().item(), captured[l.name][0].shape[-1]) for l in layers}
+
+
+def channel_masks(layers, stats, seed, fraction=0.5):
+    """A fixed random `fraction` of each layer's channels (the same for every perturbation
+    and every model with the same layer names and widths, so LN and DyT see the same)."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for layer in layers:
+        C = stats[layer.name][1]
+        mask = torch.zeros(C, dtype=torch.bool)
+        mask[torch.randperm(C, generator=generator)[:int(round(fraction * C))]] = True
+        masks[layer.name] = mask
+    return masks
+
+
+@contextlib.contextmanager
+def perturbed(model, layers, kind, amount, stats, masks, seed, noise_prob=0.5):
+    """Forward pre-hooks that perturb each layer's input on its masked channels: noise -
+    Gaussian of `amount` x the layer's input std, added sporadically (to each element of
+    those channels with probability noise_prob); scale - those channels times `amount`;
+    bias - plus `amount` x the layer's std. Removed on exit, even on error."""
+    generator = torch.Generator().manual_seed(seed)
+    with hooks_removed_after() as handles:
+        for layer in layers:
+            def pre_hook(module, inputs, layer=layer):
+                x = inputs[0]
+                xc = channels_last_view(x, layer.channels_last)
+                mask = masks[layer.name].to(x.device)
+                std = stats[layer.name][0]
+                if kind == "noise":
+                    noise = torch.randn(xc.shape, generator=generator).to(x.device, x.dtype) * (amount * std)
+                    sporadic = torch.rand(xc.shape, generator=generator).to(x.device) < noise_prob
+                    new = xc + noise * (sporadic & mask)
+                elif kind == "scale":
+                    new = torch.where(mask, xc * amount, xc)
+                else:
+                    new = torch.where(mask, xc + amount * std, xc)
+                new = new if layer.channels_last else new.movedim(-1, 1)
+                return (new,) + tuple(inputs[1:])
+            handles.append(layer.module.register_forward_pre_hook(pre_hook))
+        yield
+
+
+def cmd_robustness(args):
+    models = [(run_name(p), *load_model(p)) for p in args.ckpt]
+    kinds = {m[2] for m in models}
+    if len(kinds) > 1:
+        raise AnalysisError("compare models of one kind (all ViT or all GPT checkpoints)")
+    rows = [{"perturbation": label} for label, _, _ in PERTURBATIONS]
+    for tag, model, kind, state in models:
+        x, y = analysis_batch(kind, state, args.n, args.data_dir)
+        layers = select_layers(norm_layers(model), args.layers)
+        stats = input_stats(model, layers, x[:min(len(x), 256)])
+        masks = channel_masks(layers, stats, args.seed)
+        clean = None
+        for row, (label, what, amount) in zip(rows, PERTURBATIONS):
+            with perturbed(model, layers, what, amount, stats, masks, args.seed) if what else contextlib.nullcontext():
+                loss, acc = loss_and_accuracy(model, kind, x, y)
+            clean = acc if clean is None else clean
+            metric = acc if math.isfinite(loss) else float("nan")
+            row[f"{tag} acc"] = metric
+            row[f"{tag} drop"] = clean - metric
+            row[f"{tag} loss"] = loss
+    what = "top-1" if kinds == {"vit"} else "next-token accuracy"
+    write_table(rows, args.results, f"robustness_{args.tag or '_vs_'.join(m[0] for m in models)}",
+                f"Robustness: {what} on {args.n} inputs with the inputs of norm layers "
+                f"{args.layers or 'all'} perturbed on a random 50% of channels")
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        width = 0.8 / len(models)
+        for k, (tag, *_) in enumerate(models):
+            ax.bar(np.arange(len(rows)) + k * width, [r[f"{tag} acc"] for r in rows], width, label=tag)
+        ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["perturbation"] for r in rows],
+                      rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(what)
+        ax.legend(fontsize=8)
+        ax.set_title("perturbing 50% of the channels entering each norm layer", fontsize=10)
+        save_figure(fig, args.results, f"robustness_{args.tag or '_vs_'.join(m[0] for m in models)}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Representations: effective rank, CKA, gradient flow (ViT study sections 7-8)
+
+
+def effective_rank(features, center=False):
+    """Shannon effective rank (Roy & Vetterli 2007) of a [n, d] matrix: exp of the entropy of
+    its singular values normalised to sum 1. d for isotropic data, k for k equal directions.
+    center=True removes the mean row first (the shared offset of all tokens)."""
+    f = features.double().reshape(-1, features.shape[-1])
+    if center:
+        f = f - f.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(f)
+    p = s / s.sum().clamp_min(1e-300)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al. 2019) of two representations of the same n examples,
+    [n, d1] and [n, d2]: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred columns. 1 for
+    the same representation; invariant to orthogonal transforms and isotropic scaling."""
+    x = x.double().reshape(x.shape[0], -1)
+    y = y.double().reshape(y.shape[0], -1)
+    x, y = x - x.mean(0), y - y.mean(0)
+    cross = (y.T @ x).norm() ** 2
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp_min(1e-300))
+
+
+def block_outputs(model, x):
+    """[(block name, output as [tokens, channels])] of every block on one forward pass."""
+    outs = {}
+    with hooks_removed_after() as handles, torch.no_grad():
+        for name, block in model_blocks(model):
+            handles.append(block.register_forward_hook(
+                lambda m, i, o, name=name: outs.__setitem__(name, (o[0] if isinstance(o, tuple) else o).detach().float())))
+        model(x)
+    return [(name, outs[name].reshape(-1, outs[name].shape[-1])) for name, _ in model_blocks(model)]
+
+
+def gradient_ratios(model, kind, x, y):
+    """{layer: ||dL/d input|| / ||dL/d output||} through each norm layer, from full backward
+    hooks (the gradient through the layer only, not the residual path around it). Gradients
+    are taken with autograd.grad, so the parameters' .grad stay untouched."""
+    norms = {}
+    layers = norm_layers(model)
+    with hooks_removed_after() as handles:
+        for layer in layers:
+            handles.append(layer.module.register_full_backward_hook(
+                lambda m, gin, gout, name=layer.name: norms.__setitem__(
+                    name, (gin[0].float().norm().item(), gout[0].float().norm().item()))))
+        logits = model(x) if kind == "vit" else model(x)[0]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.autograd.grad(loss, params, allow_unused=True)
+    return {l.name: norms[l.name][0] / max(norms[l.name][1], 1e-30) for l in layers if l.name in norms}
+
+
+def cmd_representations(args):
+    models = [(run_name(p), *load_model(p)) for p in args.ckpt]
+    if len({m[2] for m in models}) > 1:
+        raise AnalysisError("compare models of one kind (all ViT or all GPT checkpoints)")
+    _, _, kind, state = models[0]
+    x, y = analysis_batch(kind, state, args.n, args.data_dir)
+    feats, rows, grads = {}, [], {}
+    for tag, model, _, _ in models:
+        feats[tag] = block_outputs(model, x)
+        ratios = gradient_ratios(model, kind, x[:args.grad_n], y[:args.grad_n])
+        grads[tag] = ratios
+        for name, f in feats[tag]:
+            rows.append({"model": tag, "block": name, "effective_rank": effective_rank(f),
+                         "effective_rank_centred": effective_rank(f, center=True),
+                         "width": f.shape[-1]})
+    base = f"representations_{args.tag or '_vs_'.join(m[0] for m in models)}"
+    write_table(rows, args.results, f"{base}_erank",
+                f"Shannon effective rank of each block's output ({args.n} inputs, all tokens)")
+    grad_rows = [{"layer": name, **{f"{tag} ratio": grads[tag].get(name, float("nan")) for tag in grads}}
+                 for name in dict.fromkeys(n for tag in grads for n in grads[tag])]
+    write_table(grad_rows, args.results, f"{base}_grad",
+                f"gradient-norm ratio ||dL/d input|| / ||dL/d output|| through each norm layer "
+                f"({args.grad_n} inputs)")
+    # CKA between the first two models (or a model and itself), tokens as examples
+    tag_a, tag_b = models[0][0], models[-1][0]
+    rows_n = min(args.cka_tokens, feats[tag_a][0][1].shape[0])
+    pick = torch.randperm(feats[tag_a][0][1].shape[0], generator=torch.Generator().manual_seed(args.seed))[:rows_n]
+    cka = np.array([[linear_cka(fa[pick], fb[pick]) for _, fb in feats[tag_b]] for _, fa in feats[tag_a]])
+    cka_rows = [{"block": na, **{nb: float(cka[i, j]) for j, (nb, _) in enumerate(feats[tag_b])}}
+                for i, (na, _) in enumerate(feats[tag_a])]
+    write_table(cka_rows, args.results, f"{base}_cka",
+                f"linear CKA between the blocks of {tag_a} (rows) and {tag_b} (columns), "
+                f"{rows_n} tokens")
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+        for tag in feats:
+            mine = [r for r in rows if r["model"] == tag]
+            axes[0].plot(range(len(mine)), [r["effective_rank"] for r in mine], "o-", label=f"{tag}")
+            axes[0].plot(range(len(mine)), [r["effective_rank_centred"] for r in mine], "s--",
+                         label=f"{tag} (centred)")
+            names = list(grads[tag])
+            axes[2].plot(range(len(names)), [grads[tag][n] for n in names], "o-", label=tag)
+        axes[0].set_xlabel("block")
+        axes[0].set_ylabel("effective rank")
+        axes[0].legend(fontsize=7)
+        axes[0].set_title("Shannon effective rank per block", fontsize=10)
+        im = axes[1].imshow(cka, vmin=0, vmax=1, cmap="magma")
+        fig.colorbar(im, ax=axes[1])
+        axes[1].set_xlabel(f"{tag_b} block")
+        axes[1].set_ylabel(f"{tag_a} block")
+        axes[1].set_title("linear CKA", fontsize=10)
+        axes[2].set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+        axes[2].set_yscale("log")
+        axes[2].set_ylabel("||dL/d in|| / ||dL/d out||")
+        axes[2].axhline(1, color="0.6", lw=0.8)
+        axes[2].legend(fontsize=7)
+        axes[2].set_title("gradient-norm ratio through each norm layer", fontsize=10)
+        save_figure(fig, args.results, base)
+    return rows, cka, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Command line
+
+
+class OneLineParser(tc._Parser):
+    """argparse whose errors are one `error:` line (train_common's parser, for subcommands)."""
+
+
+def build_parser():
+    parser = OneLineParser(description=__doc__.split("\n\n")[1], allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=OneLineParser)
+
+    def common(p, data=True):
+        p.add_argument("--results", default=RESULTS_DIR, help="where tables and plots go")
+        p.add_argument("--tag", default="", help="name suffix for the output files")
+        p.add_argument("--seed", type=int, default=0)
+        if data:
+            p.add_argument("--data_dir", default="", help="the dataset (ViT) or prepared token dir "
+                           "(GPT), if not where the checkpoint was trained from")
+        return p
+
+    p = common(sub.add_parser("s_curves", help="input vs output of each norm layer, tanh fit"))
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--n", type=int, default=64, help="images / sequences in the batch")
+    p.add_argument("--layers", default="", help="names or indices, comma-separated (default all)")
+    p.add_argument("--plot_layers", type=int, default=4, help="layers in the plot")
+    p.add_argument("--fit_points", type=int, default=100000)
+    p.add_argument("--plot_points", type=int, default=20000)
+
+    p = common(sub.add_parser("alpha_std", help="each DyT layer's alpha vs 1/std of its input"))
+    p.add_argument("--run", action="append", required=True,
+                   help="a DyT run's out_dir (metrics.jsonl, ckpt.pt); repeat for several")
+    p.add_argument("--n", type=int, default=256)
+
+    def sweep(p):
+        p.add_argument("--epochs", type=float, default=None, help="ViT budget in epochs")
+        p.add_argument("--steps", type=int, default=0, help="budget in steps (--max_steps)")
+        p.add_argument("--train_args", default="", help="more trainer flags, quoted")
+        p.add_argument("--out_dir", default=os.path.join("out_analysis", "sweeps"),
+                       help="run directories go under here")
+        p.add_argument("--reuse", action="store_true", help="read back runs already finished")
+
+    p = common(sub.add_parser("ablations", help="train the ViT with each squashing function"))
+    sweep(p)
+    p.add_argument("--norms", default=",".join(ABLATIONS), help=f"from {', '.join(ABLATIONS)}")
+
+    p = common(sub.add_parser("alpha0", help="sweep DyT's alpha0 (ViT), or attention x other (GPT)"))
+    sweep(p)
+    p.add_argument("--model", choices=["vit", "gpt"], default="vit")
+    p.add_argument("--alpha0", default="0.1,0.5,1,2,4", help="ViT values")
+    p.add_argument("--alpha0_attn", default="0.5,1,2", help="GPT: before attention")
+    p.add_argument("--alpha0_other", default="0.5,1,2", help="GPT: before the MLP and the final one")
+
+    p = common(sub.add_parser("robustness", help="accuracy under perturbed norm inputs"))
+    p.add_argument("--ckpt", action="append", required=True, help="repeat: e.g. LN then DyT")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--layers", default="", help="names or indices, comma-separated (default all)")
+
+    p = common(sub.add_parser("representations", help="effective rank, CKA, gradient-norm ratios"))
+    p.add_argument("--ckpt", action="append", required=True, help="one, or two to compare")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--grad_n", type=int, default=64, help="inputs for the gradient ratios")
+    p.add_argument("--cka_tokens", type=int, default=4096)
+    return parser
+
+
+COMMANDS = {"s_curves": cmd_s_curves, "alpha_std": cmd_alpha_std, "ablations": cmd_ablations,
+            "alpha0": cmd_alpha0, "robustness": cmd_robustness,
+            "representations": cmd_representations}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag in ("n", "grad_n", "cka_tokens", "fit_points", "plot_points", "plot_layers"):
+        if getattr(args, flag, 1) <= 0:
+            raise AnalysisError(f"--{flag} must be positive")
+    torch.manual_seed(args.seed)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    tc.main_guard(main)
