@@ -791,8 +791,9 @@ def main(argv=None):
         tc.barrier()
 
     def run_eval(step, final=False):
+        # The plain model, not DDP's wrapper: ranks may run different numbers of eval batches.
         row = {"step": step, "epoch": step / steps_per_epoch}
-        row["test_top1"], row["test_top5"], row["test_loss"] = evaluate(train_model, test, cfg, dist, ctx)
+        row["test_top1"], row["test_top5"], row["test_loss"] = evaluate(model, test, cfg, dist, ctx)
         if ema is not None:
             row["ema_top1"], row["ema_top5"], row["ema_loss"] = evaluate(ema.model, test, cfg, dist, ctx)
         if main_rank:
