@@ -196,8 +196,15 @@ def _iter_hf(name, config=None, split="train", text_field="text"):
     except ImportError:
         raise UserError("--hf needs the `datasets` package (pip install datasets) and internet")
     # streaming: FineWeb-edu / The Pile are far larger than a disk needs to hold
-    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:
+        raise UserError(f"cannot open Hugging Face dataset {name!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:150] if str(e) else ''}); check the name, "
+                        "--hf_config and the internet connection")
     for row in ds:
+        if text_field not in row:
+            raise UserError(f"{name} rows have no {text_field!r} field; see --text_field")
         yield row[text_field]
 
 
@@ -213,7 +220,8 @@ def prepare(docs, out_dir, encoding="byte", val_every=DEFAULT_VAL_EVERY,
     vocab = enc.n_vocab
     eot = eot_of(enc)
     os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, "*_*.bin")):
+    for old in glob.glob(os.path.join(out_dir, "train_*.bin")) + \
+            glob.glob(os.path.join(out_dir, "val_*.bin")):
         os.remove(old)  # a re-prepare must not mix with shards of an earlier run
     state = {s: {"buf": [], "n": 0, "bytes": 0, "index": 0, "total": 0} for s in ("train", "val")}
 
@@ -404,7 +412,8 @@ def val_windows(dataset, seq_len, max_tokens, rank=0, world_size=1, batch=16):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    from train_common import _Parser  # one-line errors, like the trainers
+    parser = _Parser(prog="data.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenise text into shards")
     p.add_argument("--input", nargs="*", default=[], help=".txt / .jsonl / .parquet files")

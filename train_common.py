@@ -630,10 +630,10 @@ class RunLogger:
 
 class LossGuard:
     """Stops a run whose loss is NaN/inf or has exploded (above explode_factor times the
-    lowest exponential moving average of the loss seen so far; after `patience` steps so the
+    lowest exponential moving average of the loss seen so far; after `patience` steps, so the
     noisy first steps never trigger it). explode_factor 0: only the NaN/inf check."""
 
-    def __init__(self, explode_factor=4.0, patience=20, ema=0.9):
+    def __init__(self, explode_factor=4.0, patience=5, ema=0.9):
         self.factor, self.patience, self.beta = explode_factor, patience, ema
         self.ema, self.best, self.seen = None, float("inf"), 0
 
@@ -645,12 +645,11 @@ class LossGuard:
                                    "(try a lower --lr or longer --warmup_steps)")
         self.seen += 1
         self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
-        if self.seen > self.patience:
-            if self.factor and loss > self.factor * self.best:
-                raise TrainingDiverged(f"loss {loss:.4g} at step {step} is over {self.factor}x "
-                                       f"its best average {self.best:.4g}: training exploded"
-                                       f"{keep} (try a lower --lr)")
-            self.best = min(self.best, self.ema)
+        if self.seen > self.patience and self.factor and loss > self.factor * self.best:
+            raise TrainingDiverged(f"loss {loss:.4g} at step {step} is over {self.factor}x "
+                                   f"its best average {self.best:.4g}: training exploded"
+                                   f"{keep} (try a lower --lr)")
+        self.best = min(self.best, self.ema)
         return loss
 
     def state_dict(self):

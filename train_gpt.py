@@ -13,6 +13,7 @@ summed loss is divided by the global token count, so any world size trains the s
 Shared machinery (CLI, distributed, FSDP2, checkpoints, logging) lives in train_common.py.
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -288,6 +289,7 @@ def train(argv=None):
     timer = tc.Timer(device)
     tokens_per_s = 0.0
     val_loss = bpb = None
+    stopping = False
     for step in range(start_step, steps):
         lr = tc.lr_at(step, cfg)
         for g in optimizer.param_groups:
@@ -299,7 +301,7 @@ def train(argv=None):
             if cfg.fsdp:
                 raw.set_requires_gradient_sync(last)
             sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else \
-                tc.contextlib.nullcontext()
+                contextlib.nullcontext()
             with sync:
                 with autocast:
                     _, loss = model(x, y, reduction="sum")
@@ -352,7 +354,7 @@ def train(argv=None):
         bar.close()
     logger.close()
 
-    if cfg.sample_tokens and steps > start_step and not cfg.stop_at:
+    if cfg.sample_tokens and steps > start_step and not stopping:
         enc = _encoding_or_none(train_set.encoding)
         if enc is not None:
             text = generate_text(raw, enc, cfg.prompt, cfg.sample_tokens, cfg.temperature,

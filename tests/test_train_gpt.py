@@ -151,3 +151,13 @@ def test_preset_arithmetic():
     assert train_gpt.derive_steps(cfg) == 10 and train_gpt.batch_plan(cfg, 64) == (1024, 8)
     cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, [])
     assert train_gpt.derive_steps(cfg) == 450 and train_gpt.batch_plan(cfg, 1) == (16, 1)
+
+
+def test_explosion_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    # A huge lr without clipping blows the loss up within a few steps of the step-2 checkpoint.
+    err = one_line_error(TINY + ["--out_dir", str(tmp_path), "--norm", "rms", "--lr", "30",
+                                 "--warmup_steps", "0", "--grad_clip", "0", "--max_steps", "60",
+                                 "--ckpt_interval", "2", "--explode_factor", "2"], capsys)
+    assert ("exploded" in err or "diverged" in err) and "ckpt.pt" in err, err
+    state = tc.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert state["step"] >= 2 and all(torch.isfinite(v).all() for v in state["model"].values())
