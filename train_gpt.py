@@ -11,6 +11,13 @@ only, clipping at 1.0, linear warmup then cosine to 10% of the peak lr. The glob
 given in tokens; each rank runs global / (world * micro_batch * seq_len) micro-steps, and the
 summed loss is divided by the global token count, so any world size trains the same model.
 Shared machinery (CLI, distributed, FSDP2, checkpoints, logging) lives in train_common.py.
+
+Measured on a 2-core CPU (default run: 1.1M parameters, 450 steps x 4,096 bytes, ~12k tok/s):
+  --norm rms                                        165 s, val loss 1.657 (2.390 bits/byte)
+  --norm dyt (alpha0 1.0/1.0 from the width table)  173 s, val loss 3.321 (4.791 bits/byte)
+  --norm dyt --alpha0_attn 0.05 --alpha0_other 0.05 181 s, val loss 2.372 (3.422 bits/byte)
+With alpha0 = 1 at width 128 the residual stream grows ~100x within 150 steps, every tanh
+saturates and the model stays at the unigram loss; a small alpha0 keeps DyT in its linear range.
 """
 
 import contextlib
