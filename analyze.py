@@ -2,13 +2,13 @@
 The DyT papers' analyses of what normalisation and DyT do, as commands that write a table and
 a picture each (PNG; matplotlib is optional: without it the tables are still written).
 
-    python analyze.py s_curves        --ckpt out_vit_ln            # Figures 2 and 4
-    python analyze.py alpha_std       --run out_vit_dyt            # Figure 8
+    python analyze.py s_curves        --ckpt out/vit_ln            # Figures 2 and 4
+    python analyze.py alpha_std       --run out/vit_dyt            # Figure 8
     python analyze.py ablations       --epochs 1                   # Tables 8-9, ViT study Table 5
     python analyze.py alpha0          --model vit --alpha0 0.1,0.5,1,2,4
     python analyze.py alpha0          --model gpt --alpha0_attn 0.5,1,2 --alpha0_other 0.5,1,2
-    python analyze.py robustness      --ckpt out_vit_ln --ckpt out_vit_dyt   # ViT study sec. 6
-    python analyze.py representations --ckpt out_vit_ln --ckpt out_vit_dyt   # secs. 7-8
+    python analyze.py robustness      --ckpt out/vit_ln --ckpt out/vit_dyt   # ViT study sec. 6
+    python analyze.py representations --ckpt out/vit_ln --ckpt out/vit_dyt   # secs. 7-8
 
 --ckpt takes a ckpt.pt written by train_vit.py or train_gpt.py, or the directory holding it.
 Everything lands in --results (default results/analysis) as NAME.png, NAME.md and NAME.csv,
@@ -526,8 +526,11 @@ def train_one(trainer, argv, out_dir, reuse=False):
     if reuse and os.path.isfile(done_marker):
         with open(done_marker) as f:
             return json.load(f)
-    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh log, not appended to an old one
+    # A sweep run without --reuse starts over in its own directory: a fresh log (not appended
+    # to the old one) and no old checkpoint (which the trainer would refuse to overwrite).
+    for stale in ("metrics.jsonl", "ckpt.pt"):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     status = "ok"
     try:
         trainer.main(argv + ["--out_dir", out_dir])

@@ -95,7 +95,8 @@ def main_guard(main, argv=None):
 class TrainConfig:
     """Fields every trainer has. A trainer subclasses it and adds its model/data fields.
     field(metadata={"help": ..., "choices": [...]}) feeds the CLI."""
-    out_dir: str = field(default="out", metadata={"help": "checkpoints and logs go here"})
+    out_dir: str = field(default="", metadata={"help": "checkpoints and logs go here "
+                                                "(default: out/<trainer>_<norm>)"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={
@@ -452,6 +453,14 @@ def save_checkpoint(path, state):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_fresh_start(path, resume):
+    """A new run must not overwrite an earlier run's checkpoint at `path` (a file, or a DCP
+    directory): the user continues it with --resume or starts elsewhere."""
+    if not resume and (os.path.isfile(path) or find_sharded(path)):
+        raise UserError(f"{path} holds an earlier run's checkpoint; continue it with --resume, "
+                        "or start a new run with another --out_dir (or delete it)")
 
 
 def check_config(saved, expected, keys=None, path=""):

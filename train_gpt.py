@@ -200,6 +200,8 @@ def _encoding_or_none(name):
 
 def train(argv=None):
     cfg, preset, _ = tc.parse_config(GPTTrainConfig, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    cfg.out_dir = cfg.out_dir or os.path.join("out", f"gpt_{cfg.norm}")
+    tc.check_fresh_start(ckpt_path(cfg), cfg.resume)
     dist = tc.setup_distributed(cfg.device, force_group=cfg.fsdp)
     device = dist.device
     if device.type == "cuda":

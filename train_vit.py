@@ -68,7 +68,6 @@ DATASETS = {  # name: (classes, channels, image size, per-channel mean, std)
 @dataclass
 class ViTTrainConfig(tc.TrainConfig):
     """The shared fields of tc.TrainConfig (with ViT defaults) plus data, model and recipe."""
-    out_dir: str = field(default="out_vit", metadata={"help": "checkpoints and logs go here"})
     # tc.TrainConfig's schedule in epochs: warmup_steps and max_steps are derived from these
     # (a --max_steps > 0 cuts the run short and makes the cosine end there)
     epochs: float = 4
@@ -723,6 +722,8 @@ def main(argv=None):
     cfg, preset, given = tc.parse_config(ViTTrainConfig, PRESETS, argv, default_preset="fashion_mnist",
                                      description="Train a ViT with LayerNorm or DyT.")
     check_config(cfg)
+    cfg.out_dir = cfg.out_dir or os.path.join("out", f"vit_{cfg.norm}")
+    tc.check_fresh_start(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.resume)
     if cfg.fsdp:
         raise tc.UserError("--fsdp is for train_gpt.py; ViTs up to L train with DDP")
     dist = tc.setup_distributed(cfg.device)

@@ -106,7 +106,8 @@ def test_bad_flag_from_the_shell():
 
 
 def test_missing_data_and_corrupt_shard_and_bad_checkpoint(tmp_path, capsys, reference):
-    err = one_line_error(TINY + ["--data", str(tmp_path / "nowhere")], capsys)
+    fresh = ["--out_dir", str(tmp_path / "fresh")]
+    err = one_line_error(TINY + fresh + ["--data", str(tmp_path / "nowhere")], capsys)
     assert "no data directory" in err and "data.py prepare" in err
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -115,7 +116,7 @@ def test_missing_data_and_corrupt_shard_and_bad_checkpoint(tmp_path, capsys, ref
     (bad / "meta.json").write_text(json.dumps({"encoding": "byte", "vocab_size": 256}))
     with open(bad / "train_000000.bin", "r+b") as f:
         f.truncate(500)
-    err = one_line_error(TINY + ["--data", str(bad)], capsys)
+    err = one_line_error(TINY + fresh + ["--data", str(bad)], capsys)
     assert "train_000000.bin is truncated" in err
     ref_dir, _ = reference
     out = tmp_path / "other"
@@ -125,6 +126,11 @@ def test_missing_data_and_corrupt_shard_and_bad_checkpoint(tmp_path, capsys, ref
     assert "different model" in err and "dim=32" in err
     err = one_line_error(TINY + ["--out_dir", str(tmp_path / "empty"), "--resume"], capsys)
     assert "no checkpoint" in err
+    # a new run never overwrites an earlier run's checkpoint
+    before = (out / "ckpt.pt").read_bytes()
+    err = one_line_error(TINY + ["--out_dir", str(out)], capsys)
+    assert "holds an earlier run's checkpoint" in err and "--resume" in err
+    assert (out / "ckpt.pt").read_bytes() == before
 
 
 def test_sample_from_checkpoint(reference, capsys):

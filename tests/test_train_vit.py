@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 import tarfile
 
 import numpy as np
@@ -86,8 +87,9 @@ def torchrun(idx_dir, out_dir, *extra, nproc=2):
 
 
 def shell(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_vit.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    # from an empty directory, so that no out/ left by an earlier run changes the outcome
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_vit.py"), *args],
+                          cwd=tempfile.mkdtemp(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("norm", ["ln", "dyt"])
