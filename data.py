@@ -133,7 +133,7 @@ class TokenDataset:
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"no prepared data in {data_dir} (missing meta.json); run "
-                            "`python data.py prepare --out {data_dir} ...` or use --data default")
+                            f"`python data.py prepare --out {data_dir} ...` or use --data default")
         with open(meta_path) as f:
             self.meta = json.load(f)
         paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
