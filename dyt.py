@@ -25,6 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernel.py computes
+
+
 class DyT(nn.Module):
     """gamma * tanh(alpha * x) + beta over the channel dimension.
 
@@ -50,7 +53,7 @@ class DyT(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        if self.use_kernel and self.channels_last and x.is_cuda:
+        if self.use_kernel and self.channels_last and x.is_cuda and x.dtype in _KERNEL_DTYPES:
             import kernel  # the fused Triton kernel: same function, one pass over memory
             return kernel.dyt(x, self.alpha, self.weight, self.bias)
         return dyt_reference(x, self.alpha, self.weight, self.bias, self.channels_last)
