@@ -280,11 +280,10 @@ def train(argv=None):
     logger = tc.RunLogger(cfg.out_dir, cfg, dist.is_main, cfg.wandb, cfg.wandb_project, cfg.run_name)
     flops_tok = raw.flops_per_token(cfg.seq_len)
     if dist.is_main:
+        alpha0 = ("" if cfg.norm in ("rms", "ln") else
+                  f", alpha0 {tuple(round(a, 3) for a in mcfg.alpha0s())}")
         print(f"{cfg.norm}: {num_params(raw):,} parameters, {mcfg.n_layer} layers x {mcfg.dim}, "
-              f"vocab {mcfg.vocab_size}, alpha0 {tuple(round(a, 3) for a in mcfg.alpha0s())}"
-              if cfg.norm not in ("rms", "ln") else
-              f"{cfg.norm}: {num_params(raw):,} parameters, {mcfg.n_layer} layers x {mcfg.dim}, "
-              f"vocab {mcfg.vocab_size}")
+              f"vocab {mcfg.vocab_size}{alpha0}")
         print(f"data {data_dir} ({train_set.encoding}, {train_set.n_tokens:,} train tokens); "
               f"{steps} steps of {global_tokens:,} tokens = {global_seqs} seqs x {cfg.seq_len} "
               f"({dist.world_size} rank(s) x {accum} micro-steps x {cfg.micro_batch}); "

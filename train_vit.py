@@ -702,7 +702,8 @@ def load_data(cfg, device):
             InMemoryImages(test_x, test_y, mean, std, device), classes, chans)
 
 
-def check_config(cfg):
+def check_flags(cfg):
+    """One-line errors for flag values the parser's types cannot catch."""
     if cfg.img_size % cfg.patch_size:
         raise tc.UserError(f"--img_size {cfg.img_size} is not a multiple of --patch_size "
                            f"{cfg.patch_size}; pick a patch size that divides it")
@@ -721,7 +722,7 @@ def check_config(cfg):
 def main(argv=None):
     cfg, preset, given = tc.parse_config(ViTTrainConfig, PRESETS, argv, default_preset="fashion_mnist",
                                      description="Train a ViT with LayerNorm or DyT.")
-    check_config(cfg)
+    check_flags(cfg)
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"vit_{cfg.norm}")
     tc.check_fresh_start(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.resume)
     if cfg.fsdp:
