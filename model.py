@@ -85,6 +85,7 @@ class ViTConfig:
     drop_path: float = 0.0     # stochastic depth rate of the last block (linear in depth)
     norm: str = "ln"
     alpha0: float = 0.5        # DyT's alpha init (the paper uses 0.5 for ViTs)
+    gamma0: float = 1.0        # DyT/Derf gamma init (both papers: 1)
     norm_eps: float = 1e-6
 
 
@@ -115,9 +116,9 @@ class ViTBlock(nn.Module):
     def __init__(self, cfg, drop_path):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.alpha0, eps=cfg.norm_eps)
+        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.alpha0, eps=cfg.norm_eps, gamma0=cfg.gamma0)
         self.attn = ViTAttention(cfg.dim, cfg.heads, cfg.qkv_bias)
-        self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.alpha0, eps=cfg.norm_eps)
+        self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.alpha0, eps=cfg.norm_eps, gamma0=cfg.gamma0)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
         self.drop_path = DropPath(drop_path)
 
@@ -144,7 +145,7 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, cfg.dim))
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([ViTBlock(cfg, r) for r in rates])
-        self.norm = make_norm(cfg.norm, cfg.dim, cfg.alpha0, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.alpha0, eps=cfg.norm_eps, gamma0=cfg.gamma0)
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.no_decay = {"pos_embed", "cls_token"}
         self.init_weights()
@@ -214,6 +215,21 @@ def alpha0_for_width(dim):
     return a_lo + t * (a_hi - a_lo), o_lo + t * (o_hi - o_lo)
 
 
+def gamma0_for_width(dim):
+    """DyT/Derf gamma init for a GPT of width `dim`: sqrt(dim) below 1024, 1 from 1024 up.
+
+    This project's finding, not the papers' (both papers initialise gamma to 1; measured in
+    README "DyT and Derf on the small GPT"). DyT's output is bounded by +-gamma. Below the
+    paper's widths, gamma 1 is too low a ceiling: the loss wants larger norm outputs than an
+    unsaturated tanh gives, and since DyT is not scale-invariant the cheapest way there is
+    to grow one token-independent residual vector until every tanh saturates; the logits then
+    stop depending on the input (the unigram loss) and tanh' ~ 0 blocks the gradient.
+    gamma0 = sqrt(dim) lifts the ceiling. From 1024 on (the paper's width table, where its
+    runs trained with gamma 1) the paper's init is kept.
+    """
+    return math.sqrt(dim) if dim < 1024 else 1.0
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 256
@@ -226,7 +242,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm: str = "rms"
     alpha0_attn: float = 0.0    # DyT alpha0 before attention; 0: from alpha0_for_width(dim)
-    alpha0_other: float = 0.0   # before the MLP and the final one; 0: from the width table
+    alpha0_other: float = 0.0   # before the MLP; 0: from the width table
+    alpha0_final: float = 0.0   # the final DyT before the head; 0: alpha0_other (paper's rule)
+    dyt_gamma0: float = 0.0     # DyT/Derf gamma init; 0: gamma0_for_width(dim)
     dyt_bias: bool = False      # the official LLaMA DyT has no beta
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -238,8 +256,13 @@ class GPTConfig:
         return 256 * math.ceil(int(2 * 4 * self.dim / 3) / 256)
 
     def alpha0s(self):
+        """(attention, other, final) alpha0."""
         table_attn, table_other = alpha0_for_width(self.dim)
-        return self.alpha0_attn or table_attn, self.alpha0_other or table_other
+        other = self.alpha0_other or table_other
+        return self.alpha0_attn or table_attn, other, self.alpha0_final or other
+
+    def gamma0(self):
+        return self.dyt_gamma0 or gamma0_for_width(self.dim)
 
 
 GPT_PRESETS = {
@@ -249,7 +272,7 @@ GPT_PRESETS = {
     # GPT-2-small shape (768 wide, 12 layers, 12 heads) with LLaMA blocks; 124M parameters
     # with GPT-2's vocabulary would need tied embeddings: untied it is 162M (50,304 vocab).
     "gpt2_small": dict(dim=768, n_layer=12, n_head=12, n_kv_head=12, ffn_dim=2048,
-                       block_size=1024, vocab_size=50304),
+                       block_size=1024, vocab_size=50304, dyt_gamma0=1.0),  # the Derf paper's
     # the DyT paper's LLaMA runs (LLaMA-2 shapes)
     "llama7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=32, ffn_dim=11008,
                     vocab_size=32000, block_size=4096),
@@ -261,7 +284,8 @@ GPT_PRESETS = {
                      vocab_size=32000, block_size=4096),
 }
 # The paper's alpha0 (attention/other) for the LLaMA runs; 7B and 34B/70B are the width table,
-# 13B is its rounded log-linear interpolation.
+# 13B is its rounded log-linear interpolation. Their gamma0 is the paper's 1 (the width rule's
+# value from 1024 up).
 GPT_PRESETS["llama13b"].update(alpha0_attn=0.6, alpha0_other=0.15)
 
 
@@ -321,8 +345,9 @@ class SwiGLU(nn.Module):
 class GPTBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        alpha_attn, alpha_other = cfg.alpha0s()
-        norm = lambda a0: make_norm(cfg.norm, cfg.dim, a0, bias=cfg.dyt_bias, eps=cfg.norm_eps)
+        alpha_attn, alpha_other, _ = cfg.alpha0s()
+        norm = lambda a0: make_norm(cfg.norm, cfg.dim, a0, bias=cfg.dyt_bias, eps=cfg.norm_eps,
+                                    gamma0=cfg.gamma0())
         self.attn_norm = norm(alpha_attn)
         self.attn = GPTAttention(cfg)
         self.mlp_norm = norm(alpha_other)
@@ -349,7 +374,8 @@ class GPT(nn.Module):
         dynamic = cfg.norm not in ("ln", "rms")
         self.emb_scale = nn.Parameter(torch.empty(1)) if dynamic else None
         self.blocks = nn.ModuleList([GPTBlock(cfg) for _ in range(cfg.n_layer)])
-        self.norm = make_norm(cfg.norm, cfg.dim, cfg.alpha0s()[1], bias=cfg.dyt_bias, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.alpha0s()[2], bias=cfg.dyt_bias,
+                              eps=cfg.norm_eps, gamma0=cfg.gamma0())
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Rotary tables: buffers, so they follow .to(device); not saved in checkpoints.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -461,5 +487,6 @@ if __name__ == "__main__":
         model = build(cfg)
     print(f"{args.preset}: {asdict(cfg)}")
     if isinstance(model, GPT):
-        print(f"alpha0 (attention, other): {cfg.alpha0s()}; SwiGLU hidden: {cfg.ffn_hidden()}")
+        print(f"alpha0 (attention, other, final): {cfg.alpha0s()}; gamma0 {cfg.gamma0():.3g}; "
+              f"SwiGLU hidden: {cfg.ffn_hidden()}")
     print(f"parameters: {num_params(model):,}")

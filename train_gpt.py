@@ -52,7 +52,11 @@ class GPTTrainConfig(tc.TrainConfig):
     seq_len: int = 256
     rope_theta: float = 10000.0
     alpha0_attn: float = field(default=0.0, metadata={"help": "DyT alpha0 before attention; 0: by width"})
-    alpha0_other: float = field(default=0.0, metadata={"help": "the other DyTs' alpha0; 0: by width"})
+    alpha0_other: float = field(default=0.0, metadata={"help": "alpha0 of the DyT before the MLP; 0: by width"})
+    alpha0_final: float = field(default=None, metadata={"help": "alpha0 of the final DyT (before the head); "
+                                                       "default: --alpha0_other's"})
+    dyt_gamma0: float = field(default=None, metadata={"help": "DyT/Derf gamma init; default: sqrt(dim) "
+                                                     "below width 1024, 1 (the papers') from 1024 up"})
     dyt_bias: bool = False
     init_std: float = 0.02
     # data and batch
@@ -84,7 +88,7 @@ PRESETS = {
     "micro": dict(dim=256, n_layer=6, n_head=8, n_kv_head=4, micro_batch=8,
                   global_batch_tokens=32 * 256, max_steps=1000, lr=1e-3),
     "gpt2_small": dict(dim=768, n_layer=12, n_head=12, n_kv_head=12, ffn_dim=2048, seq_len=1024,
-                       vocab_size=50304, lr=6e-4, global_batch_tokens=524288, micro_batch=16,
+                       vocab_size=50304, dyt_gamma0=1.0, lr=6e-4, global_batch_tokens=524288, micro_batch=16,
                        train_tokens=10_000_000_000, warmup_steps=700, data="data/fineweb_edu_gpt2",
                        eval_interval=250, ckpt_interval=1000, eval_tokens=10 * 524288,
                        max_steps=0),
@@ -95,7 +99,7 @@ def _llama(name, lr, alpha0_attn, alpha0_other):
     p = GPT_PRESETS[name]
     return dict(dim=p["dim"], n_layer=p["n_layer"], n_head=p["n_head"], n_kv_head=p["n_kv_head"],
                 ffn_dim=p["ffn_dim"], vocab_size=p["vocab_size"], seq_len=p["block_size"],
-                lr=lr, global_batch_tokens=4 * 1024 * 1024, micro_batch=1,
+                lr=lr, global_batch_tokens=4 * 1024 * 1024, micro_batch=1, dyt_gamma0=1.0,
                 train_tokens=200_000_000_000, warmup_steps=2000, alpha0_attn=alpha0_attn,
                 alpha0_other=alpha0_other, fsdp=True, activation_checkpointing=True,
                 eval_interval=500, ckpt_interval=1000, eval_tokens=4 * 1024 * 1024, log_interval=1,
@@ -128,6 +132,12 @@ def batch_plan(cfg, world_size):
 
 
 def model_config(cfg, data_vocab):
+    for flag in ("alpha0_attn", "alpha0_other", "alpha0_final", "dyt_gamma0"):
+        value = getattr(cfg, flag)
+        zero_ok = flag in ("alpha0_attn", "alpha0_other")  # their 0 means "by width"
+        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+            raise UserError(f"--{flag} must be > 0{' (or 0: by width)' if zero_ok else ''}, "
+                            f"got {value}")
     vocab = cfg.vocab_size or 64 * math.ceil(data_vocab / 64)  # round up: faster matmuls
     if vocab < data_vocab:
         raise UserError(f"the data's encoding has {data_vocab} tokens but --vocab_size is "
@@ -136,6 +146,7 @@ def model_config(cfg, data_vocab):
                      n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, dim=cfg.dim,
                      ffn_dim=cfg.ffn_dim, rope_theta=cfg.rope_theta, norm=cfg.norm,
                      alpha0_attn=cfg.alpha0_attn, alpha0_other=cfg.alpha0_other,
+                     alpha0_final=cfg.alpha0_final or 0.0, dyt_gamma0=cfg.dyt_gamma0 or 0.0,
                      dyt_bias=cfg.dyt_bias, init_std=cfg.init_std)
 
 
@@ -281,7 +292,8 @@ def train(argv=None):
     flops_tok = raw.flops_per_token(cfg.seq_len)
     if dist.is_main:
         alpha0 = ("" if cfg.norm in ("rms", "ln") else
-                  f", alpha0 {tuple(round(a, 3) for a in mcfg.alpha0s())}")
+                  f", alpha0 {tuple(round(a, 3) for a in mcfg.alpha0s())} (attn, other, final), "
+                  f"gamma0 {mcfg.gamma0():.3g}")
         print(f"{cfg.norm}: {num_params(raw):,} parameters, {mcfg.n_layer} layers x {mcfg.dim}, "
               f"vocab {mcfg.vocab_size}{alpha0}")
         print(f"data {data_dir} ({train_set.encoding}, {train_set.n_tokens:,} train tokens); "
