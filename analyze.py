@@ -7,6 +7,8 @@ a picture each (PNG; matplotlib is optional: without it the tables are still wri
     python analyze.py ablations       --epochs 1                   # Tables 8-9, ViT study Table 5
     python analyze.py alpha0          --model vit --alpha0 0.1,0.5,1,2,4
     python analyze.py alpha0          --model gpt --alpha0_attn 0.5,1,2 --alpha0_other 0.5,1,2
+    python analyze.py norms           --widths 64,128 --norms rms,dyt,derf   # ours: best lr each
+    python analyze.py saturation      --norms dyt@1,dyt,rms                  # ours: the stall
     python analyze.py robustness      --ckpt out/vit_ln --ckpt out/vit_dyt   # ViT study sec. 6
     python analyze.py representations --ckpt out/vit_ln --ckpt out/vit_dyt   # secs. 7-8
 
@@ -36,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_common as tc
-from dyt import DyT, DynamicSquash, _norm_kind, is_dynamic
+from dyt import Derf, DyT, DynamicSquash, _norm_kind, is_dynamic
 from model import GPT, GPTConfig, ViT, ViTConfig
 
 RESULTS_DIR = os.path.join("results", "analysis")
@@ -225,10 +227,18 @@ def before_affine(layer, x):
         return (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
     if layer.kind == "rms":
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return squash_of(m)(squash_argument(m, x))
+
+
+def squash_argument(m, x):
+    """What a DyT-like layer feeds its squashing function: alpha x (+ s for Derf)."""
     alpha = getattr(m, "alpha", None)
     scaled = x if alpha is None else alpha.detach().float() * x  # per-channel alpha broadcasts
-    fn = torch.tanh if isinstance(m, DyT) else m.fn
-    return fn(scaled)
+    return scaled + m.shift.detach().float() if isinstance(m, Derf) else scaled
+
+
+def squash_of(m):
+    return torch.tanh if isinstance(m, DyT) else torch.erf if isinstance(m, Derf) else m.fn
 
 
 def capture_norm_io(model, layers, x):
@@ -672,6 +682,196 @@ def cmd_alpha0(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6b. The GPT with each norm at its own best lr, across widths; and why gamma 1 stalls
+# (this project's own experiments, not the papers': see model.gamma0_for_width)
+
+
+def norm_spec(text):
+    """'dyt' -> ('dyt', []); 'dyt@1' -> ('dyt', ['--dyt_gamma0', '1']): a norm and its gamma0."""
+    name, _, gamma0 = text.partition("@")
+    from dyt import NORMS
+    if name not in NORMS:
+        raise AnalysisError(f"unknown norm {name!r} in {text!r}; choose from {', '.join(NORMS)}")
+    if not gamma0:
+        return name, []
+    floats(gamma0, f"the gamma0 of {text!r}")
+    return name, ["--dyt_gamma0", gamma0]
+
+
+def width_flags(width):
+    """The default GPT (4 layers, head dim 32) at another width."""
+    if width % 32:
+        raise AnalysisError(f"--widths: {width} is not a multiple of the head dim 32")
+    heads = str(width // 32)
+    return ["--dim", str(width), "--n_head", heads, "--n_kv_head", heads]
+
+
+def gpt_run(args, width, spec, lr, seed):
+    import train_gpt
+    name, gamma_flags = norm_spec(spec)
+    argv = (["--norm", name] + gamma_flags + width_flags(width) +
+            ["--lr", f"{lr:g}", "--seed", str(seed), "--sample_tokens", "0", "--ckpt_interval", "0",
+             "--device", "cpu"] + (["--max_steps", str(args.steps)] if args.steps else []) +
+            shlex.split(args.train_args))
+    tag = f"w{width}_{spec.replace('@', '_g')}_lr{lr:g}_s{seed}{'_' + str(args.steps) if args.steps else ''}"
+    print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}", flush=True)
+    result = train_one(train_gpt, argv, os.path.join(args.out_dir, tag), args.reuse)
+    loss = result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
+    return loss, result
+
+
+def cmd_norms(args):
+    """For each width and norm: an lr sweep at the first seed, then the other seeds at the
+    best lr. Each norm is compared at its own best lr: the fair comparison."""
+    widths = [int(w) for w in floats(args.widths, "--widths")]
+    specs = [s.strip() for s in args.norms.split(",") if s.strip()]
+    for s in specs:
+        norm_spec(s)
+    lrs = floats(args.lrs, "--lrs")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise AnalysisError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        raise AnalysisError("--seeds needs at least one seed")
+    runs, rows = [], []
+    for width in widths:
+        for spec in specs:
+            sweep = {}
+            for lr in lrs:
+                sweep[lr], result = gpt_run(args, width, spec, lr, seeds[0])
+                runs.append({"width": width, "norm": spec, "lr": lr, "seed": seeds[0], **result})
+            best_lr = min(lrs, key=lambda lr: sweep[lr])
+            losses = [sweep[best_lr]]
+            for seed in seeds[1:]:
+                loss, result = gpt_run(args, width, spec, best_lr, seed)
+                runs.append({"width": width, "norm": spec, "lr": best_lr, "seed": seed, **result})
+                losses.append(loss)
+            ok = [l for l in losses if math.isfinite(l)]
+            row = {"width": width, "norm": spec, "best_lr": best_lr,
+                   **{f"lr {lr:g} (seed {seeds[0]})": round(sweep[lr], 4) for lr in lrs},
+                   "seeds": len(losses), "diverged": len(losses) - len(ok),
+                   "val_loss_mean": round(float(np.mean(ok)), 4) if ok else float("nan"),
+                   "val_loss_std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else 0.0}
+            rows.append(row)
+    budget = f"--max_steps {args.steps}" if args.steps else "the default 450 steps"
+    name = f"norms_gpt{args.tag}"
+    write_table(runs, args.results, f"{name}_runs",
+                f"Every run of `analyze.py norms` ({budget} {args.train_args}): val loss (nats)")
+    write_table(rows, args.results, name,
+                f"GPT val loss (nats, mean and sample std over seeds {args.seeds}) per width and "
+                f"norm, each at its own best lr from the sweep {args.lrs} at seed {seeds[0]}; "
+                f"{budget} {args.train_args}; norm@g means --dyt_gamma0 g")
+    plt = pyplot()
+    if plt is not None and len(widths) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for spec in specs:
+            r = [row for row in rows if row["norm"] == spec]
+            ax.errorbar([x["width"] for x in r], [x["val_loss_mean"] for x in r],
+                        yerr=[x["val_loss_std"] for x in r], marker="o", capsize=3, label=spec)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width")
+        ax.set_ylabel("val loss (nats), best lr")
+        ax.legend(fontsize=8)
+        ax.set_title("GPT: each norm at its best lr", fontsize=10)
+        save_figure(fig, args.results, name)
+    return rows
+
+
+def residual_and_saturation(model, x, y):
+    """One forward of a GPT on (x, y): its loss; per block the residual stream's RMS and the
+    share of its energy in one token-independent vector (|mean over tokens|^2 / mean |x_t|^2:
+    1 when every token carries the same vector); per DyT-like layer the fraction of
+    inputs whose squash argument |alpha x + s| exceeds 2 (tanh 0.96, erf 0.995: saturated)."""
+    stats = {}
+    with hooks_removed_after() as handles, torch.no_grad():
+        for name, block in model_blocks(model):
+            def block_hook(module, inputs, output, name=name):
+                h = output.float().reshape(-1, output.shape[-1])
+                stats[f"{name} residual_rms"] = h.pow(2).mean().sqrt().item()
+                stats[f"{name} common_share"] = (h.mean(0).pow(2).sum() / h.pow(2).sum(-1).mean()).item()
+            handles.append(block.register_forward_hook(block_hook))
+        for layer in norm_layers(model):
+            if layer.kind != "dyt":
+                continue
+            def sat_hook(module, inputs, output, name=layer.name):
+                z = squash_argument(module, inputs[0].float())
+                stats[f"{name} saturated"] = (z.abs() > 2).float().mean().item()
+            handles.append(layer.module.register_forward_hook(sat_hook))
+        loss, _ = loss_and_accuracy(model, "gpt", x, y)
+    return loss, stats
+
+
+def cmd_saturation(args):
+    """Train each configuration with the trainer itself, stopping at each step of --at
+    (--stop_at, then --resume: exact), and measure the checkpoint on validation windows."""
+    import train_gpt
+    at = sorted({int(s) for s in floats(args.at, "--at")})
+    specs = [s.strip() for s in args.norms.split(",") if s.strip()]
+    rows, curves = [], {}
+    for spec in specs:
+        name, gamma_flags = norm_spec(spec)
+        out = os.path.join(args.out_dir, f"saturation_{spec.replace('@', '_g')}_s{args.seed}")
+        for stale in ("metrics.jsonl", "ckpt.pt"):
+            if os.path.exists(os.path.join(out, stale)):
+                os.remove(os.path.join(out, stale))
+        for i, step in enumerate(at):
+            print(f"--- {spec}: train to step {step}", flush=True)
+            argv = (["--norm", name] + gamma_flags + ["--stop_at", str(step), "--seed", str(args.seed),
+                     "--sample_tokens", "0", "--ckpt_interval", "0", "--device", "cpu",
+                     "--out_dir", out] + (["--resume"] if i else []) + shlex.split(args.train_args))
+            train_gpt.main(argv)
+            model, _, state = load_model(out)
+            if state["step"] != step:
+                raise AnalysisError(f"{spec}: the run ended at step {state['step']}, before "
+                                    f"--at {step}; give --at steps within the run's max_steps")
+            x, y = gpt_val_tokens(state, args.n)
+            loss, stats = residual_and_saturation(model, x, y)
+            sat_inside = [v for k, v in stats.items() if k.endswith("saturated") and k.startswith("blocks")]
+            sat_final = [v for k, v in stats.items() if k.endswith("saturated") and not k.startswith("blocks")]
+            last = [k for k in stats if k.endswith("residual_rms")][-1].split()[0]
+            row = {"norm": spec, "step": step, "val_loss": round(loss, 4),
+                   "residual_rms_last_block": round(stats[f"{last} residual_rms"], 3),
+                   "common_share_last_block": round(stats[f"{last} common_share"], 3),
+                   "saturated_in_blocks": round(float(np.mean(sat_inside)), 3) if sat_inside else "",
+                   "saturated_final": round(sat_final[0], 3) if sat_final else ""}
+            rows.append(row)
+            curves.setdefault(spec, []).append((step, loss, stats))
+    name = f"saturation_gpt{args.tag}"
+    write_table(rows, args.results, name,
+                f"GPT training trace, `analyze.py saturation --norms {args.norms} --at {args.at}` "
+                f"{args.train_args}: val loss on {args.n} windows, the last block's residual RMS "
+                "and share of one token-independent vector, fraction of DyT inputs with "
+                "|alpha x + s| > 2 (mean over the blocks' layers; the final layer)")
+    per_layer = [{"norm": spec, "step": step, "quantity": k, "value": round(v, 4)}
+                 for spec, points in curves.items() for step, _, stats in points
+                 for k, v in stats.items()]
+    write_table(per_layer, args.results, f"{name}_layers", "Per-layer values of " + name)
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for spec, points in curves.items():
+            steps = [p[0] for p in points]
+            axes[0].plot(steps, [p[1] for p in points], "o-", label=spec)
+            last = [k for k in points[0][2] if k.endswith("residual_rms")][-1]
+            axes[1].plot(steps, [p[2][last] for p in points], "o-", label=spec)
+            sat = [np.mean([v for k, v in p[2].items() if k.endswith("saturated")] or [np.nan])
+                   for p in points]
+            if not all(np.isnan(sat)):
+                axes[2].plot(steps, sat, "o-", label=spec)
+        axes[0].set_ylabel("val loss (nats)")
+        axes[1].set_ylabel("residual RMS after the last block")
+        axes[1].set_yscale("log")
+        axes[2].set_ylabel("saturated DyT inputs (|arg| > 2)")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.legend(fontsize=8)
+        fig.suptitle("GPT: why gamma 1 stalls at width 128 (this project's measurement)", fontsize=10)
+        save_figure(fig, args.results, name)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. Robustness to perturbations of the norm input (ViT study section 6)
 
 
@@ -940,6 +1140,19 @@ def build_parser():
     p.add_argument("--alpha0_attn", default="0.5,1,2", help="GPT: before attention")
     p.add_argument("--alpha0_other", default="0.5,1,2", help="GPT: before the MLP and the final one")
 
+    p = common(sub.add_parser("norms", help="GPT: each norm at its own best lr, per width, seeds"))
+    sweep(p)
+    p.add_argument("--widths", default="128", help="model widths (multiples of 32)")
+    p.add_argument("--norms", default="rms,dyt,derf", help="norm names; NAME@G sets --dyt_gamma0 G")
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the lr sweep (at the first seed)")
+    p.add_argument("--seeds", default="0,1,2", help="the first sweeps the lr; all run the best lr")
+
+    p = common(sub.add_parser("saturation", help="GPT: residual RMS and saturated DyT inputs over training"))
+    sweep(p)
+    p.add_argument("--norms", default="dyt@1,dyt,rms", help="norm names; NAME@G sets --dyt_gamma0 G")
+    p.add_argument("--at", default="1,10,25,50,100,150,300,450", help="steps to measure at")
+    p.add_argument("--n", type=int, default=32, help="validation windows")
+
     p = common(sub.add_parser("robustness", help="accuracy under perturbed norm inputs"))
     p.add_argument("--ckpt", action="append", required=True, help="repeat: e.g. LN then DyT")
     p.add_argument("--n", type=int, default=2000)
@@ -954,7 +1167,8 @@ def build_parser():
 
 
 COMMANDS = {"s_curves": cmd_s_curves, "alpha_std": cmd_alpha_std, "ablations": cmd_ablations,
-            "alpha0": cmd_alpha0, "robustness": cmd_robustness,
+            "alpha0": cmd_alpha0, "norms": cmd_norms, "saturation": cmd_saturation,
+            "robustness": cmd_robustness,
             "representations": cmd_representations}
 
 
