@@ -522,7 +522,7 @@ def plot_alpha_std(plt, runs, args, name):
 
 
 # ablation row -> train_vit.py --norm (dyt.NORMS)
-ABLATIONS = {"ln": "ln", "tanh": "dyt", "hardtanh": "hardtanh", "sigmoid": "sigmoid",
+ABLATIONS = {"ln": "ln", "tanh": "dyt", "derf": "derf", "hardtanh": "hardtanh", "sigmoid": "sigmoid",
              "softsign": "softsign", "arctan": "arctan", "clamp": "clamp",
              "gelu_clip": "gelu_clip", "rational": "rational", "identity": "dyt_identity",
              "dyt_noalpha": "dyt_noalpha", "dyt_channel": "dyt_channel"}

@@ -95,6 +95,7 @@ class ViTTrainConfig(tc.TrainConfig):
     # model (model.ViTConfig)
     norm: str = field(default="dyt", metadata={"choices": list(NORMS)})
     alpha0: float = field(default=0.5, metadata={"help": "DyT's alpha init"})
+    dyt_gamma0: float = field(default=1.0, metadata={"help": "DyT/Derf gamma init (the papers': 1)"})
     img_size: int = 28
     patch_size: int = 7
     dim: int = 128
@@ -121,7 +122,7 @@ class ViTTrainConfig(tc.TrainConfig):
         return ViTConfig(img_size=self.img_size, patch_size=self.patch_size, in_chans=in_chans,
                          num_classes=num_classes, dim=self.dim, depth=self.depth, heads=self.heads,
                          mlp_ratio=self.mlp_ratio, pool=self.pool, drop_path=self.drop_path,
-                         norm=self.norm, alpha0=self.alpha0)
+                         norm=self.norm, alpha0=self.alpha0, gamma0=self.dyt_gamma0)
 
 
 # The DyT paper's ImageNet-1K recipe (from ConvNeXt's codebase), and the ViT study's
@@ -709,7 +710,7 @@ def check_flags(cfg):
                            f"{cfg.patch_size}; pick a patch size that divides it")
     if cfg.dim % cfg.heads:
         raise tc.UserError(f"--dim {cfg.dim} is not a multiple of --heads {cfg.heads}")
-    for name in ("epochs", "batch_size", "eval_batch", "depth", "dim", "heads"):
+    for name in ("epochs", "batch_size", "eval_batch", "depth", "dim", "heads", "alpha0", "dyt_gamma0"):
         if getattr(cfg, name) <= 0:
             raise tc.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("reprob", "label_smoothing", "mixup_switch_prob", "drop_path"):

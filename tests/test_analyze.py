@@ -194,6 +194,36 @@ def test_ablations_and_alpha0(runs, tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["val_loss"]) for r in rows)
 
 
+def test_gpt_norms_at_best_lr_and_saturation_trace(tmp_path):
+    # the lr sweep runs at the first seed, the other seeds at the best lr; NAME@G sets gamma0
+    tiny = [f for f in " ".join(GPT_TINY).replace("--dim 32 ", "").replace("--n_head 2 ", "")
+            .replace("--n_kv_head 2 ", "").split()]
+    rows = analyze.main(["norms", "--widths", "32,64", "--norms", "rms,dyt@1", "--lrs", "1e-3,3e-3",
+                         "--seeds", "0,1", "--steps", "2", "--train_args", " ".join(tiny),
+                         "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
+    outputs(tmp_path, "norms_gpt", ("", "_runs"))
+    assert [(r["width"], r["norm"], r["seeds"]) for r in rows] == [
+        (32, "rms", 2), (32, "dyt@1", 2), (64, "rms", 2), (64, "dyt@1", 2)]
+    for r in rows:
+        sweep = {lr: r[f"lr {lr:g} (seed 0)"] for lr in (1e-3, 3e-3)}
+        assert r["best_lr"] == min(sweep, key=sweep.get) and np.isfinite(r["val_loss_mean"])
+    (seed1_run,) = (tmp_path / "runs").glob("w64_dyt_g1_lr*_s1_2")  # the flags reached the run
+    state = tc.load_checkpoint(str(seed1_run / "ckpt.pt"))
+    assert state["model_config"]["dim"] == 64 and state["model_config"]["dyt_gamma0"] == 1.0
+    rows = analyze.main(["saturation", "--norms", "dyt@1,derf,rms", "--at", "1,3",
+                         "--train_args", " ".join(GPT_TINY + ["--max_steps", "3"]), "--n", "2",
+                         "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
+    outputs(tmp_path, "saturation_gpt", ("", "_layers"))
+    assert [(r["norm"], r["step"]) for r in rows] == [("dyt@1", 1), ("dyt@1", 3), ("derf", 1),
+                                                       ("derf", 3), ("rms", 1), ("rms", 3)]
+    assert all(0 <= r["saturated_in_blocks"] <= 1 for r in rows if r["norm"] != "rms")
+    assert all(r["saturated_final"] == "" for r in rows if r["norm"] == "rms")
+    assert all(r["residual_rms_last_block"] > 0 and 0 <= r["common_share_last_block"] <= 1 + 1e-6
+               for r in rows)
+    with pytest.raises(tc.UserError, match="unknown norm"):
+        analyze.main(["norms", "--norms", "dyx", "--results", str(tmp_path)])
+
+
 def test_diverged_runs_are_marked(tmp_path):
     class Exploding:
         @staticmethod

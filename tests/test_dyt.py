@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import DyT, DynamicSquash, NORMS, SQUASH, convert_to_dyt, make_norm
+from dyt import Derf, DyT, DynamicSquash, NORMS, SQUASH, convert_to_dyt, make_norm
 
 
 def squash_reference(name, z):
@@ -50,7 +50,57 @@ def test_dyt_init_and_parameters():
     torch.testing.assert_close(no_bias(x), torch.tanh(0.5 * x))
 
 
-@pytest.mark.parametrize("name", [n for n in NORMS if n not in ("ln", "rms", "identity")])
+def test_derf_matches_definition_in_float64():
+    # Derf (Chen, Lu, Zhu, Sun, Liu 2025): gamma * erf(alpha x + s) + beta, erf written out
+    # independently of torch.erf as its Maclaurin series (exact to float64 for |z| < 3).
+    torch.manual_seed(5)
+    x = torch.randn(3, 5, 17, dtype=torch.float64) * 1.5
+    layer = randomise(Derf(17, alpha0=0.7).double())
+    z = layer.alpha * x + layer.shift
+    assert z.abs().max() < 3
+    erf = sum((-1) ** n * z ** (2 * n + 1) / float(math.factorial(n) * (2 * n + 1)) for n in range(60))
+    expected = layer.weight * (2 / math.sqrt(math.pi)) * erf + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_derf_init_and_parameters():
+    layer = make_norm("derf", 8, alpha0=0.4, bias=False)
+    assert isinstance(layer, Derf)
+    assert layer.alpha.item() == pytest.approx(0.4) and layer.shift.item() == 0.0
+    assert torch.equal(layer.weight, torch.ones(8)) and layer.bias is None
+    assert sorted(n for n, _ in layer.named_parameters()) == ["alpha", "shift", "weight"]
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(layer(x), torch.erf(0.4 * x))
+
+
+def test_derf_gradcheck_float64():
+    # every gradient: x, alpha, the shift s, gamma, beta
+    torch.manual_seed(6)
+    layer = randomise(Derf(7).double())
+    names = [n for n, _ in layer.named_parameters()]
+    assert names == ["alpha", "shift", "weight", "bias"]
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    params = tuple(p.detach().requires_grad_() for p in layer.parameters())
+    assert torch.autograd.gradcheck(fn, (x,) + params)
+
+
+@pytest.mark.parametrize("name", ["dyt", "derf", "hardtanh", "dyt_channel"])
+def test_gamma0_sets_gamma_init(name):
+    layer = make_norm(name, 6, alpha0=0.5, gamma0=3.0)
+    assert torch.equal(layer.weight, torch.full((6,), 3.0))
+    layer.weight.data.zero_()
+    layer.reset_parameters()  # a meta-built model is initialised through reset_parameters
+    assert torch.equal(layer.weight, torch.full((6,), 3.0))
+    assert torch.equal(make_norm("rms", 6, gamma0=3.0).weight, torch.ones(6))  # norms keep 1
+    with pytest.raises(ValueError, match="gamma0"):
+        make_norm(name, 6, gamma0=0.0)
+
+
+@pytest.mark.parametrize("name", [n for n in NORMS if n not in ("ln", "rms", "identity", "derf")])
 def test_every_dynamic_variant_against_float64_reference(name):
     torch.manual_seed(1)
     dim = 11
@@ -82,8 +132,10 @@ def test_norms_against_float64_reference():
 
 def test_dyt_gradcheck_float64():
     torch.manual_seed(3)
-    for layer in (randomise(DyT(7).double()), randomise(make_norm("dyt_channel", 7).double())):
-        x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    for layer in (randomise(DyT(7).double()), randomise(make_norm("dyt_channel", 7).double()),
+                  randomise(make_norm("derf", 7, channels_last=False).double())):
+        shape = (3, 7) if layer.channels_last else (2, 7, 3, 2)  # [B, C, H, W]
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         params = tuple(layer.parameters())
         names = [n for n, _ in layer.named_parameters()]
 
@@ -93,7 +145,7 @@ def test_dyt_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, (x,) + tuple(p.detach().requires_grad_() for p in params))
 
 
-@pytest.mark.parametrize("name", ["dyt", "dyt_channel", "sigmoid", "ln", "rms"])
+@pytest.mark.parametrize("name", ["dyt", "derf", "dyt_channel", "sigmoid", "ln", "rms"])
 def test_channels_first_equals_channels_last(name):
     torch.manual_seed(4)
     last = randomise(make_norm(name, 6, alpha0=0.9))
@@ -162,3 +214,20 @@ def test_convert_model_with_rmsnorm_and_channels_first():
     x = torch.randn(2, 6, 3, 3)
     assert model["stem_norm"](x).shape == x.shape
     torch.testing.assert_close(model["stem_norm"](x), torch.tanh(0.2 * x))
+
+
+def test_convert_to_derf_with_gamma0():
+    # Derf through the converter; without copy_affine gamma starts at gamma0 (a number or a
+    # function of the layer name), with it the norm's weight wins.
+    model = nn.ModuleDict({"attn_norm": nn.LayerNorm(6), "final_norm": nn.RMSNorm(6)})
+    model, count = convert_to_dyt(model, alpha0=0.5, name="derf", copy_affine=False,
+                                  gamma0=lambda name: 4.0 if "final" in name else 2.0)
+    assert count == 2 and all(isinstance(m, Derf) for m in model.values())
+    assert torch.equal(model["attn_norm"].weight, torch.full((6,), 2.0))
+    assert torch.equal(model["final_norm"].weight, torch.full((6,), 4.0))
+    assert model["attn_norm"].bias is not None and model["final_norm"].bias is None
+    ln = nn.LayerNorm(6)
+    with torch.no_grad():
+        ln.weight.fill_(0.7)
+    kept, _ = convert_to_dyt(nn.Sequential(ln), gamma0=9.0)
+    assert torch.equal(kept[0].weight, torch.full((6,), 0.7))

@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 import train_common as tc  # noqa: E402
 import train_gpt  # noqa: E402
 import data  # noqa: E402
+from dyt import is_dynamic  # noqa: E402
 
 torch.set_num_threads(2)
 # 8 sequences of 32 tokens per step: 1 process runs 2 micro-steps of 4, 2 processes 1 each
@@ -167,3 +168,48 @@ def test_explosion_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert ("exploded" in err or "diverged" in err) and "ckpt.pt" in err, err
     state = tc.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] >= 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# The stall at small width (this project's finding): with gamma 1, DyT's +-1 output ceiling
+# makes the model grow one token-independent residual vector until every tanh saturates, and
+# the loss stays at the unigram level (about 3.3 nats on the default corpus). The default
+# gamma0 (sqrt(dim) below width 1024) learns. 80 steps of a 2-layer, width-64 model.
+STALL = ["--dim", "64", "--n_layer", "2", "--n_head", "2", "--n_kv_head", "2", "--seq_len", "64",
+         "--micro_batch", "8", "--global_batch_tokens", "512", "--warmup_steps", "5",
+         "--eval_interval", "0", "--eval_tokens", "4096", "--sample_tokens", "0",
+         "--ckpt_interval", "0", "--device", "cpu", "--max_steps", "80"]
+
+
+def test_default_gamma0_escapes_the_stall_that_gamma_1_cannot(tmp_path):
+    stalled = train_gpt.main(STALL + ["--norm", "dyt", "--dyt_gamma0", "1", "--out_dir", str(tmp_path / "g1")])
+    learned = train_gpt.main(STALL + ["--norm", "dyt", "--out_dir", str(tmp_path / "default")])
+    derf = train_gpt.main(STALL + ["--norm", "derf", "--out_dir", str(tmp_path / "derf")])
+    assert stalled > 3.25, stalled  # at the unigram loss
+    assert learned < 3.05 and derf < 3.1, (learned, derf)
+
+
+def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
+    def model_for(*flags):
+        cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS,
+                                    ["--dim", "64", "--n_head", "2", "--n_kv_head", "2", *flags])
+        return train_gpt.GPT(train_gpt.model_config(cfg, 256))
+
+    model = model_for("--norm", "derf")
+    dyts = [model.blocks[0].attn_norm, model.blocks[1].mlp_norm, model.norm]
+    assert all(torch.allclose(m.weight, torch.full((64,), 8.0)) for m in dyts)  # sqrt(64)
+    assert model.norm.alpha.item() == model.blocks[0].mlp_norm.alpha.item() == 1.0
+    model = model_for("--norm", "dyt", "--dyt_gamma0", "2.5", "--alpha0_attn", "0.7",
+                      "--alpha0_other", "0.3", "--alpha0_final", "0.1")
+    dyts = [m for m in model.modules() if is_dynamic(m)]
+    assert len(dyts) == 4 * 2 + 1 and all(torch.equal(m.weight, torch.full((64,), 2.5)) for m in dyts)
+    assert model.blocks[1].attn_norm.alpha.item() == pytest.approx(0.7)
+    assert model.blocks[1].mlp_norm.alpha.item() == pytest.approx(0.3)
+    assert model.norm.alpha.item() == pytest.approx(0.1)
+    # the paper's presets keep the papers' gamma 1
+    for preset in ("llama7b", "gpt2_small"):
+        cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--preset", preset])
+        assert train_gpt.model_config(cfg, 256).gamma0() == 1.0
+    for flag in ("--dyt_gamma0", "--alpha0_final"):
+        for value in ("0", "-1"):
+            err = one_line_error(TINY + ["--out_dir", str(tmp_path), flag, value], capsys)
+            assert err.startswith(f"error: {flag} must be > 0"), err

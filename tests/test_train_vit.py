@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+import train_common as tc
 import train_vit
+from dyt import Derf
+from model import ViT
 from train_vit import (DataError, load_cifar, load_fashion_mnist, mixup_cutmix, smooth_one_hot, rank_shard,
                        read_idx, IDX_IMAGES_MAGIC, FASHION_MNIST_SYSTEM_DIR)
 
@@ -92,14 +95,14 @@ def shell(*args):
                           cwd=tempfile.mkdtemp(), capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("norm", ["ln", "dyt"])
+@pytest.mark.parametrize("norm", ["ln", "dyt", "derf"])
 def test_loss_falls(idx_dir, tmp_path, norm):
     got = run(idx_dir, tmp_path, "--norm", norm, "--max_steps", "40")
     values = [got[s] for s in sorted(got)]
     assert np.mean(values[-5:]) < 0.85 * np.mean(values[:5]), values
     last = final_eval(tmp_path)
     assert last["test_loss"] < 0.9 * np.log(10)  # below chance level on held-out images
-    if norm == "dyt":  # the Figure 8 readout: every DyT layer's alpha and its input's 1/std
+    if norm != "ln":  # the Figure 8 readout: every DyT layer's alpha and its input's 1/std
         assert sum(k.startswith("alpha/") for k in last) == 5  # 2 blocks x 2 + the final one
         assert sum(k.startswith("inv_std/") for k in last) == 5
     assert os.path.exists(tmp_path / "metrics.csv")
@@ -208,6 +211,20 @@ def test_cifar_pickles_from_folder_and_archive(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
         load_cifar(str(tmp_path), 10)
+
+
+def test_norm_flags_reach_the_vit(tmp_path):
+    cfg, _, _ = tc.parse_config(train_vit.ViTTrainConfig, train_vit.PRESETS,
+                                ["--norm", "derf", "--alpha0", "0.8", "--dyt_gamma0", "2.5"],
+                                default_preset="fashion_mnist")
+    model = ViT(cfg.model_config(10, 1))
+    layers = [m for m in model.modules() if isinstance(m, Derf)]
+    assert len(layers) == 2 * cfg.depth + 1
+    assert all(m.alpha.item() == pytest.approx(0.8) and torch.equal(m.weight, torch.full((cfg.dim,), 2.5))
+               for m in layers)
+    for flag in ("--dyt_gamma0", "--alpha0"):
+        p = shell(flag, "0", "--data_dir", str(tmp_path))
+        assert p.returncode == 2 and p.stderr.strip() == f"error: {flag} must be positive, got 0.0", p.stderr
 
 
 def test_presets_follow_the_papers():
