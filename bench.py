@@ -783,13 +783,6 @@ def parse_args(argv=None):
         p.error("--warmup must be >= 0 and --seq >= 1")
     if args.device not in (None, "cuda", "cpu"):
         p.error(f"--device {args.device}: choose cuda or cpu")
-    try:  # before minutes of timing, not after: a read-only or misspelt --out is one line
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        p.error(f"cannot write to --out {args.out}: {e.strerror or e}; pick a writable --out")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
     if args.seq is not None and args.preset is not None and args.seq > GPT_PRESETS[args.preset].get("block_size", 256):
@@ -799,6 +792,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:  # before minutes of timing, not after: a read-only or misspelt --out is one line
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        print(f"bench.py: error: cannot write to --out {args.out}: {e.strerror or e}; pick a "
+              "writable --out", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Many shapes x dtypes x grad modes: let torch.compile keep one graph per case.
     torch._dynamo.config.recompile_limit = 1024

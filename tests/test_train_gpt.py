@@ -75,8 +75,10 @@ def test_resume_continues_exactly(tmp_path, reference):
 
 
 def test_ddp_two_processes_match_one(tmp_path, reference):
+    # no --micro_batch: the default derives it from the world size (2 x 4 here), so the
+    # README's plain `torchrun --nproc_per_node=2 train_gpt.py` works
     _, ref = reference
-    got = torchrun(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS))
+    got = torchrun(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS), "--micro_batch", "0")
     for s in range(1, STEPS + 1):
         assert got[s] == pytest.approx(ref[s], rel=1e-5), s
 
