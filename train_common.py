@@ -594,7 +594,7 @@ def load_checkpoint(path, config=None, config_key="model_config", map_location="
     # torch.save writes a zip archive. Anything else (random bytes, a file cut short by a full
     # disk) is not a checkpoint at all, and torch.load's weights_only advice would mislead.
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not a PyTorch checkpoint (corrupt or truncated, "
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (corrupt or truncated, "
                         f"{os.path.getsize(path):,} bytes); restore it from a copy, or delete it "
                         "and start a new run")
     try:

@@ -37,7 +37,7 @@ import train_gpt  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 GPT_TINY = ["--dim", "32", "--n_layer", "2", "--n_head", "2", "--n_kv_head", "2", "--seq_len", "32",
-            "--global_batch_tokens", "256", "--lr", "3e-3", "--warmup_steps", "2",
+            "--global_batch_tokens", "256", "--micro_batch", "8", "--lr", "3e-3", "--warmup_steps", "2",
             "--eval_interval", "0", "--eval_tokens", "1024", "--log_interval", "1",
             "--sample_tokens", "0", "--ckpt_interval", "0", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -231,14 +231,19 @@ def test_concurrent_start_is_refused_and_sigterm_saves(tmp_path):
     assert not os.path.exists(os.path.join(out, "run.lock"))
 
 
-def test_vit_sigint_saves_by_default_and_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def idx(tmp_path_factory):
+    """A small Fashion-MNIST-format data set (synthetic images, IDX files)."""
     from test_train_vit import synthetic_images, write_idx
-    idx = tmp_path / "idx"
-    idx.mkdir()
+    d = tmp_path_factory.mktemp("idx")
     for split, n in (("train", 320), ("t10k", 50)):
         images, labels = synthetic_images(n, seed=len(split))
-        write_idx(str(idx / f"{split}-images-idx3-ubyte.gz"), images, 0x803)
-        write_idx(str(idx / f"{split}-labels-idx1-ubyte.gz"), labels, 0x801)
+        write_idx(str(d / f"{split}-images-idx3-ubyte.gz"), images, 0x803)
+        write_idx(str(d / f"{split}-labels-idx1-ubyte.gz"), labels, 0x801)
+    return d
+
+
+def test_vit_sigint_saves_by_default_and_resumes(tmp_path, idx):
     out = str(tmp_path / "vit")
     # no --ckpt_interval: the default must checkpoint periodically (it used to be end-only)
     base = ["--dim", "32", "--depth", "2", "--heads", "2", "--batch_size", "16",
@@ -318,13 +323,14 @@ def test_disk_full_at_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("file, argv", [
     ("train_gpt.py", GPT_TINY + ["--max_steps", "2", "--out_dir", "{ro}/gpt"]),
-    ("train_vit.py", ["--max_steps", "2", "--out_dir", "{ro}/vit", "--data_dir", "{ro}/none"]),
+    ("train_vit.py", ["--max_steps", "2", "--out_dir", "{ro}/vit", "--data_dir", "{idx}",
+                      "--dim", "32", "--depth", "2", "--heads", "2", "--batch_size", "16"]),
     ("analyze.py", ["alpha_std", "--run", "{ro}/none", "--results", "{ro}/analysis"]),
 ])
-def test_read_only_output_dir_is_one_line(tmp_path, file, argv):
+def test_read_only_output_dir_is_one_line(tmp_path, idx, file, argv):
     ro = str(tmp_path / "ro")
     os.makedirs(ro)
-    argv = [a.replace("{ro}", ro) for a in argv]
+    argv = [a.replace("{ro}", ro).replace("{idx}", str(idx)) for a in argv]
     err = one_line(run(file, argv, READ_ONLY.format(ro=ro)))
     assert "Read-only file system" in err and ("--out_dir" in err or "--results" in err), err
 

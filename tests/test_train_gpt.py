@@ -162,10 +162,12 @@ def test_preset_arithmetic():
 
 
 def test_explosion_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    # A huge lr without clipping blows the loss up within a few steps of the step-2 checkpoint.
-    err = one_line_error(TINY + ["--out_dir", str(tmp_path), "--norm", "rms", "--lr", "30",
-                                 "--warmup_steps", "0", "--grad_clip", "0", "--max_steps", "60",
-                                 "--ckpt_interval", "2", "--explode_factor", "2"], capsys)
-    assert ("exploded" in err or "diverged" in err) and "ckpt.pt" in err, err
+    # A huge lr without clipping blows the loss up within a few steps. The checkpoint the error
+    # names holds finite weights; the exploding ones after it were never saved (their loss is
+    # checked before each save: tests/test_faults.py covers divergence then resume).
+    err = one_line_error(TINY + ["--out_dir", str(tmp_path), "--norm", "rms", "--lr", "10",
+                                 "--warmup_steps", "10", "--grad_clip", "0", "--max_steps", "60",
+                                 "--ckpt_interval", "1", "--explode_factor", "2"], capsys)
+    assert ("explod" in err or "diverg" in err) and "ckpt.pt" in err, err
     state = tc.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert state["step"] >= 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values())
