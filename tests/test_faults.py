@@ -448,3 +448,21 @@ def test_model_preset_prints_no_alpha0_for_a_norm():
                         "--norm", "dyt"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=120)
     assert "alpha0 (attention, other): (0.2, 0.05)" in p.stdout, p.stdout
+
+
+def test_logs_hold_the_true_history(tmp_path):
+    # a run killed before its first checkpoint left steps 1-3; a fresh run must not append to
+    # them, and a resume from step 2 must not log step 3 twice
+    old = tc.RunLogger(str(tmp_path))
+    for s in (1, 2, 3):
+        old.log({"step": s, "loss": 9.0})
+    fresh = tc.RunLogger(str(tmp_path), resume_step=None)
+    fresh.log({"step": 1, "loss": 5.0})
+    assert [r["loss"] for r in rows(tmp_path)] == [5.0]
+    assert (tmp_path / "metrics.jsonl.old").exists()  # kept aside, not deleted
+    fresh.log({"step": 2, "loss": 4.0})
+    fresh.log({"step": 3, "loss": 3.0})
+    resumed = tc.RunLogger(str(tmp_path), resume_step=2)
+    resumed.log({"step": 3, "loss": 2.5})
+    assert [(r["step"], r["loss"]) for r in rows(tmp_path)] == [(1, 5.0), (2, 4.0), (3, 2.5)]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["1,5.0", "2,4.0", "3,2.5"]
