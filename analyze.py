@@ -13,8 +13,9 @@ a picture each (PNG; matplotlib is optional: without it the tables are still wri
     python analyze.py representations --ckpt out/vit_ln --ckpt out/vit_dyt   # secs. 7-8
 
 --ckpt takes a ckpt.pt written by train_vit.py or train_gpt.py, or the directory holding it.
-Everything lands in --results (default results/analysis) as NAME.png, NAME.md and NAME.csv,
-and the table is printed. Bad input gives a one-line `error:` and exit code 2.
+Everything lands in --results (default out/analysis; the committed ones are in
+results/analysis, replaced only with --results results/analysis) as NAME.png, NAME.md and
+NAME.csv, and the table is printed. Bad input gives a one-line `error:` and exit code 2.
 
 The functions work on any nn.Module too (e.g. a Hugging Face model): norm layers are found
 the way dyt.convert_to_dyt finds them (torch's LayerNorm/RMSNorm and, by class name, other
@@ -41,7 +42,9 @@ import train_common as tc
 from dyt import Derf, DyT, DynamicSquash, _norm_kind, is_dynamic
 from model import GPT, GPTConfig, ViT, ViTConfig
 
-RESULTS_DIR = os.path.join("results", "analysis")
+# out/analysis by default: results/analysis holds the committed tables the README cites,
+# replaced only when asked for (--results results/analysis)
+RESULTS_DIR = os.path.join("out", "analysis")
 
 
 class AnalysisError(tc.UserError):
@@ -1177,6 +1180,7 @@ def main(argv=None):
     for flag in ("n", "grad_n", "cka_tokens", "fit_points", "plot_points", "plot_layers"):
         if getattr(args, flag, 1) <= 0:
             raise AnalysisError(f"--{flag} must be positive")
+    tc.ensure_writable_dir(args.results, "--results")  # before the work, not after it
     torch.manual_seed(args.seed)
     return COMMANDS[args.command](args)
 

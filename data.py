@@ -126,16 +126,29 @@ def open_shard(path):
     return tokens, h
 
 
+def read_meta(data_dir):
+    """data_dir/meta.json as a dict; UserError (one line) when it is missing or corrupt.
+    (The built-in corpus never gets here broken: default_data_dir rebuilds it.)"""
+    meta_path = os.path.join(data_dir, "meta.json")
+    fix = (f"prepare it with `python data.py prepare --input FILES --encoding byte --out "
+           f"{data_dir}`, or train on the built-in corpus (--data default)")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"no prepared data in {data_dir} (missing meta.json); {fix}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        int(meta["vocab_size"]), str(meta["encoding"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise UserError(f"{meta_path} is corrupt ({type(e).__name__}); {fix}") from None
+    return meta
+
+
 class TokenDataset:
     """All shards of one split of a prepared directory, checked and memory-mapped."""
 
     def __init__(self, data_dir, split):
+        self.meta = read_meta(data_dir)
         meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"no prepared data in {data_dir} (missing meta.json); run "
-                            f"`python data.py prepare --out {data_dir} ...` or use --data default")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
         paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
         if not paths:
             raise UserError(f"no {split}_*.bin shards in {data_dir}; re-run data.py prepare")
@@ -147,7 +160,7 @@ class TokenDataset:
                                 f"{self.meta['vocab_size']}; re-run data.py prepare")
             self.shards.append(tokens)
             self.headers.append(h)
-        self.vocab_size = self.meta["vocab_size"]
+        self.vocab_size = int(self.meta["vocab_size"])
         self.encoding = self.meta["encoding"]
         self.n_tokens = sum(h["n_tokens"] for h in self.headers)
         n_bytes = sum(h["n_bytes"] for h in self.headers)
@@ -307,15 +320,33 @@ def default_data_dir(cache_root=None):
     """The default corpus as prepared byte-level shards; built on first use (a few seconds)."""
     cache_root = cache_root or os.path.join(HERE, "data")
     out = os.path.join(cache_root, f"default-py{sys.version_info[0]}.{sys.version_info[1]}-byte")
-    if not os.path.isfile(os.path.join(out, "meta.json")):
+    if not _default_ok(out):
+        # missing, or broken (a corrupt meta.json, a truncated shard): it is a cache of text
+        # that ships with Python, so rebuild it rather than asking the user to
+        import shutil
         tmp = f"{out}.tmp{os.getpid()}"
         prepare(default_corpus_docs(), tmp, "byte")
+        if os.path.exists(out) and not _default_ok(out):
+            broken = f"{out}.broken{os.getpid()}"
+            os.replace(out, broken)
+            shutil.rmtree(broken, ignore_errors=True)
         try:
             os.replace(tmp, out)
         except OSError:  # another process built it first
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _default_ok(out):
+    """Whether the cached default corpus is complete and readable (headers only: fast)."""
+    try:
+        meta = read_meta(out)
+        paths = glob.glob(os.path.join(out, "train_*.bin")) + glob.glob(os.path.join(out, "val_*.bin"))
+        if not any("train_" in p for p in paths) or not any("val_" in p for p in paths):
+            return False
+        return all(read_header(p)["vocab_size"] == meta["vocab_size"] for p in paths)
+    except UserError:
+        return False
 
 
 def resolve_data_dir(data, cache_root=None):
@@ -361,7 +392,17 @@ class TokenLoader:
     def _window(self, k):
         shard = int(np.searchsorted(self.starts, k, side="right") - 1)
         off = (k - int(self.starts[shard])) * self.T
-        return self.ds.shards[shard][off:off + self.T + 1]
+        w = self.ds.shards[shard][off:off + self.T + 1]
+        # A shard whose header is valid can still hold ids >= vocab (a bit flip, a shard of
+        # another tokeniser with the same vocab field): the embedding lookup would fail with
+        # an IndexError on CPU and a device-side assert on CUDA. Checking each window costs
+        # one max over seq_len tokens; scanning whole shards at start-up would cost minutes.
+        top = int(w.max()) if len(w) else 0
+        if top >= self.ds.vocab_size:
+            raise UserError(f"{self.ds.paths[shard]} holds token id {top} at or after token "
+                            f"{off}, outside the vocabulary of {self.ds.vocab_size}; the shard "
+                            "is corrupt: re-run data.py prepare")
+        return w
 
     def _window_index(self, g):
         epoch, k = divmod(g, self.n)
@@ -423,7 +464,8 @@ def main(argv=None):
     p.add_argument("--hf_split", default="train")
     p.add_argument("--default", action="store_true", help="the built-in CPython-docs corpus")
     p.add_argument("--text_field", default="text")
-    p.add_argument("--encoding", default="gpt2", help="byte, gpt2, cl100k_base, o200k_base, ...")
+    p.add_argument("--encoding", default=None, help="byte, gpt2, cl100k_base, o200k_base, ... "
+                   "(default: byte with --default, which then works offline; else gpt2)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val_every", type=int, default=DEFAULT_VAL_EVERY,
                    help="every Nth document goes to validation")
@@ -433,6 +475,8 @@ def main(argv=None):
     sources = sum([bool(args.input), bool(args.hf), args.default])
     if sources != 1:
         parser.error("give exactly one of --input FILES, --hf NAME, --default")
+    if args.encoding is None:  # gpt2 needs tiktoken's BPE file (internet once); byte needs nothing
+        args.encoding = "byte" if args.default else "gpt2"
     if args.default:
         docs = default_corpus_docs()
     elif args.hf:

@@ -485,8 +485,13 @@ if __name__ == "__main__":
         parser.error(str(e))
     with torch.device("meta"):
         model = build(cfg)
-    print(f"{args.preset}: {asdict(cfg)}")
+    shown = asdict(cfg)
+    uses_alpha = cfg.norm not in ("ln", "rms", "identity")
+    if not uses_alpha:  # alpha0 means nothing to a norm: do not print DyT values beside 'rms'
+        shown = {k: v for k, v in shown.items() if not k.startswith(("alpha0", "dyt_gamma0"))}
+    print(f"{args.preset}: {shown}")
     if isinstance(model, GPT):
-        print(f"alpha0 (attention, other, final): {cfg.alpha0s()}; gamma0 {cfg.gamma0():.3g}; "
-              f"SwiGLU hidden: {cfg.ffn_hidden()}")
+        alpha = (f"alpha0 (attention, other, final): {cfg.alpha0s()}; gamma0 {cfg.gamma0():.3g}; "
+                 if uses_alpha else "")
+        print(f"{alpha}SwiGLU hidden: {cfg.ffn_hidden()}")
     print(f"parameters: {num_params(model):,}")

@@ -20,6 +20,7 @@ The API (keep these signatures stable; train_vit.py builds on them):
     lr_at(step, cfg)                  linear warmup, cosine decay to cfg.min_lr_ratio * lr
     build_optimizer(model, cfg, dev)  AdamW on model.param_groups (fused on CUDA)
     accumulation_steps(global_batch, micro_batch, world_size) -> micro-steps per rank
+    auto_micro_batch(global_batch, world_size, cap)  the per-rank micro batch when not given
     clip_grad_norm(model, max_norm)   works for plain, DDP and FSDP2 models; returns the norm
   Wrapping
     wrap_ddp(model, dist)
@@ -28,12 +29,17 @@ The API (keep these signatures stable; train_vit.py builds on them):
     apply_activation_checkpointing(model)   recompute each block in the backward pass
     unwrap(model)                     the nn.Module under DDP / torch.compile
   Checkpoints
-    save_checkpoint(path, state)      one file, atomic (tmp + os.replace)
+    save_checkpoint(path, state)      one file, atomic (tmp + os.replace); a full or read-only
+                                      disk is a one-line error and leaves no .tmp behind
     load_checkpoint(path, config=...) weights_only=True, one-line error on a config mismatch
+    checkpoint_problem(...)           why a state must not be saved (non-finite, exploding)
     save_sharded / load_sharded       torch.distributed.checkpoint (DCP) directory under FSDP
     capture_rng_state() / restore_rng_state(state)   python, numpy, torch, cuda
   Logging and safety
-    RunLogger(out_dir, cfg, enabled)  log(dict) -> metrics.jsonl + metrics.csv (+ wandb)
+    RunLock(out_dir, enabled)         one run per out_dir (stale locks of dead PIDs are taken over)
+    StopSignals()                     SIGINT/SIGTERM -> .requested; the loop saves, then exits
+    RunLogger(out_dir, cfg, enabled, resume_step)  log(dict) -> metrics.jsonl + metrics.csv
+                                      (+ wandb); a resume drops the rows after its checkpoint
     LossGuard(explode_factor)         check(loss, step) raises TrainingDiverged on NaN/explosion
     dyt_alphas(model)                 {"alpha/<layer>": value} for every DyT-like layer
     peak_flops(device) / mfu(...)     model FLOPs utilisation on known GPUs
@@ -71,17 +77,29 @@ class TrainingDiverged(Exception):
     """The loss became NaN/inf or exploded; the run stops, keeping the last good checkpoint."""
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after it saved a checkpoint; exit_code is 130 or 143."""
+
+    def __init__(self, message, exit_code=130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def main_guard(main, argv=None):
     """Run main(argv); turn UserError (and TrainingDiverged) into `error: ...` on stderr, exit 2.
 
     A traceback is for bugs; a user who gave a wrong path or flag gets one line saying what to
-    do. Exits 0 on success."""
+    do. Exits 0 on success; 130/143 after SIGINT/SIGTERM (the shell's codes for them)."""
     try:
         main(argv)
     except (UserError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         teardown_distributed()
         sys.exit(2)
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        teardown_distributed()
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         teardown_distributed()
@@ -116,7 +134,8 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "FSDP2 (fully_shard per block)"})
     activation_checkpointing: bool = False
     # checkpoints, logs
-    ckpt_interval: int = field(default=0, metadata={"help": "steps between checkpoints; 0: final only"})
+    # periodic by default: a crash or Ctrl-C must not lose a long run (SIGINT/SIGTERM also save)
+    ckpt_interval: int = field(default=500, metadata={"help": "steps between checkpoints; 0: final only"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir's checkpoint"})
     log_interval: int = 10
     eval_interval: int = 100
@@ -206,7 +225,37 @@ def parse_config(cls, presets, argv=None, description="", default_preset=None):
         values.update(presets[preset])
     values.update(args)
     cfg = cls(**values)
+    check_common(cfg)
     return cfg, preset, set(args)
+
+
+def check_common(cfg):
+    """One-line errors for values of the shared fields that would crash later (a zero
+    division, say) or silently do nothing (--max_steps -5 used to exit 0 having trained
+    nothing). Each names the flag and the range it takes."""
+    def need(ok, flag, rule):
+        if not ok:
+            raise UserError(f"--{flag} {getattr(cfg, flag)!r} is out of range: it must be {rule}")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), "lr", "a positive number")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+    need(cfg.warmup_steps >= 0, "warmup_steps", ">= 0")
+    need(cfg.max_steps >= 0, "max_steps", ">= 0 (0: derived by the trainer)")
+    need(cfg.weight_decay >= 0, "weight_decay", ">= 0")
+    need(0 <= cfg.beta1 < 1, "beta1", "in [0, 1)")
+    need(0 <= cfg.beta2 < 1, "beta2", "in [0, 1)")
+    need(cfg.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)")
+    need(cfg.ckpt_interval >= 0, "ckpt_interval", ">= 0 (0: final checkpoint only)")
+    need(cfg.log_interval >= 1, "log_interval", ">= 1")
+    need(cfg.eval_interval >= 0, "eval_interval", ">= 0")
+    need(cfg.explode_factor == 0 or cfg.explode_factor > 1, "explode_factor",
+         "0 (NaN check only) or above 1")
+
+
+def require_positive(cfg, names):
+    """UserError naming the first of `names` (int/float fields) that is not positive."""
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
 
 
 def config_dict(cfg):
@@ -358,6 +407,20 @@ def accumulation_steps(global_batch, micro_batch, world_size, unit="sequences"):
     return global_batch // per_step
 
 
+def auto_micro_batch(global_batch, world_size, cap=16, unit="sequences", flag="the global batch"):
+    """The micro batch when the user gave none: this rank's share of the global batch,
+    split into equal micro-steps of at most `cap`. 16 sequences over 1, 2, 4, 8 or 16
+    processes all work with no --micro_batch; a world size that does not divide the global
+    batch is a one-line error naming the flag to change."""
+    if global_batch <= 0:
+        raise UserError(f"{flag} must be positive")
+    if global_batch % world_size:
+        raise UserError(f"{flag} ({global_batch} {unit}) does not split over {world_size} "
+                        f"processes; make it a multiple of {world_size}")
+    share = global_batch // world_size
+    return max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+
+
 def clip_grad_norm(model, max_norm):
     """Clip the total gradient norm (DDP/FSDP2-aware; DTensor norms are reduced across ranks).
     max_norm <= 0 only measures it. Returns the norm before clipping as a float."""
@@ -445,14 +508,53 @@ def apply_activation_checkpointing(model):
 
 def save_checkpoint(path, state):
     """torch.save(state, path) atomically: write path.tmp, fsync, os.replace. A crash at any
-    moment leaves either the old complete checkpoint or the new complete one."""
+    moment leaves either the old complete checkpoint or the new complete one.
+
+    A disk that is full or read-only is a UserError (one line) and the half-written .tmp is
+    removed; the previous checkpoint, if any, is untouched. A kill -9 can still leave a .tmp:
+    the next run in this out_dir removes it (remove_stale_tmp, under the run lock)."""
     tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and _is_os_error(e)):
+            keep = f"; the previous checkpoint {path} is intact" if os.path.isfile(path) else ""
+            raise UserError(f"cannot write checkpoint {path}: {_os_reason(e)}{keep}; "
+                            "free space or pick a writable --out_dir, then --resume") from None
+        raise
+
+
+def _is_os_error(e):
+    # torch.save's zip writer wraps the OS error of a failed write in a RuntimeError
+    # ("[enforce fail at inline_container.cc] . unexpected pos ..."): look for its cause.
+    return isinstance(e.__cause__ or e.__context__, OSError) or "unexpected pos" in str(e)
+
+
+def _os_reason(e):
+    cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno)
+    return "the write failed (is the disk full?)"
+
+
+def remove_stale_tmp(path):
+    """Remove what an interrupted save of `path` left behind (path.tmp, a file or a DCP
+    directory). Call it only while holding the run lock: then no other run is writing it."""
+    tmp = f"{path}.tmp"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.exists(tmp):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def check_fresh_start(path, resume):
@@ -473,18 +575,79 @@ def check_config(saved, expected, keys=None, path=""):
                         f"{', '.join(diffs[:4])}; use the same flags or another --out_dir")
 
 
-def load_checkpoint(path, config=None, config_key="model_config", map_location="cpu"):
+def _first_sentence(text, limit=300):
+    """The first line of an error message, cut at a sentence end rather than mid-word."""
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    if len(line) <= limit:
+        return line
+    cut = max(line.rfind(". ", 0, limit), line.rfind("; ", 0, limit))
+    return line[:cut + 1] if cut > 0 else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def load_checkpoint(path, config=None, config_key="model_config", map_location="cpu",
+                    missing_hint="check the path (or drop --resume)"):
     """torch.load(path, weights_only=True), checking state[config_key] == config if given.
     Missing, unreadable or mismatched checkpoints raise UserError with one line."""
+    import zipfile
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}; check the path (or drop --resume)")
+        raise UserError(f"no checkpoint at {path}; {missing_hint}")
+    # torch.save writes a zip archive. Anything else (random bytes, a file cut short by a full
+    # disk) is not a checkpoint at all, and torch.load's weights_only advice would mislead.
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (corrupt or truncated, "
+                        f"{os.path.getsize(path):,} bytes); restore it from a copy, or delete it "
+                        "and start a new run")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}")
+        if "weights_only" in str(e):
+            raise UserError(f"cannot read checkpoint {path}: it holds Python objects other than "
+                            "tensors and plain values, so it was not written by this code's "
+                            "trainers; load it with torch.load(weights_only=False) only if you "
+                            "trust its source") from None
+        raise UserError(f"cannot read checkpoint {path}: {_first_sentence(str(e))}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a trainer checkpoint")
     if config is not None:
         check_config(state.get(config_key, {}), config, path=path)
     return state
+
+
+@torch.no_grad()
+def checkpoint_problem(model, optimizer, probe_loss, guard):
+    """Why the current state must not become a checkpoint, or None when it is healthy.
+
+    A training step's loss is measured before its update, so a loss that passed the guard says
+    nothing about the weights the update produced: with a huge lr they can already be
+    exploding (val loss 3e5) or non-finite, and a checkpoint of them is useless to resume.
+    So before each save: every parameter and optimizer tensor must be finite, and
+    probe_loss (the loss of the weights about to be saved, on the last training batch; None
+    to skip) must be finite and within the guard's explode factor of its best average.
+    Under DDP/FSDP every rank must call it (the verdict is all-reduced)."""
+    bad = 0
+    tensors = [p for p in model.parameters()]
+    for st in optimizer.state.values():
+        tensors += [v for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        bad += int(not bool(torch.isfinite(t).all()))
+    flag = torch.tensor([float(bad), 0.0 if probe_loss is None else float(probe_loss)],
+                        dtype=torch.float64,
+                        device=next(model.parameters()).device)
+    all_reduce_sum(flag)
+    world = torch_dist.get_world_size() if torch_dist.is_available() and \
+        torch_dist.is_initialized() else 1
+    bad, probe = int(flag[0].item()), flag[1].item() / world
+    if bad:
+        return f"{bad} parameter/optimizer tensors are not finite"
+    if probe_loss is not None:
+        if not math.isfinite(probe):
+            return f"its loss is {probe}"
+        limit = guard.factor * guard.best if guard.factor and math.isfinite(guard.best) else None
+        if limit is not None and probe > limit:
+            return (f"its loss {probe:.4g} is over {guard.factor}x the best average "
+                    f"{guard.best:.4g} (exploding)")
+    return None
 
 
 def _replace_dir(tmp, final):
@@ -582,12 +745,203 @@ def gather_objects(obj, dist):
 # ---------------------------------------------------------------------------------------------
 # Logging and safety
 
+def ensure_writable_dir(path, flag="--out_dir"):
+    """Create `path` if needed and check that files can be written in it; UserError (one
+    line naming the flag) when it cannot: read-only file system, no permission, a file in
+    the way, disk full."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {flag} {path}: {e.strerror or e}; "
+                        f"pick a writable {flag}") from None
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+class RunLock:
+    """One run at a time per out_dir: a lock file (out_dir/run.lock) holding the owner's
+    host and PID, created with O_EXCL so that two runs starting together cannot both win.
+
+    A second run in the same out_dir is refused with one line naming the PID. A lock left by
+    a killed run (kill -9, a crashed node) is stale when its PID is dead on this host; it is
+    taken over with a note. A lock from another host cannot be checked from here: the
+    message says to delete it if that run is gone. Only rank 0 takes it (enabled)."""
+
+    NAME = "run.lock"
+
+    def __init__(self, out_dir, enabled=True):
+        self.path = os.path.join(out_dir, self.NAME)
+        self.held = False
+        if not enabled:
+            return
+        import socket
+        ensure_writable_dir(out_dir)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None or (owner.get("host") == me["host"]
+                                     and not _pid_alive(int(owner.get("pid", -1)))):
+                    print(f"note: taking over the stale lock {self.path} "
+                          f"(its run, pid {owner and owner.get('pid')}, is gone)", file=sys.stderr)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)
+                    continue
+                where = "" if owner.get("host") == me["host"] else f" on host {owner.get('host')}"
+                raise UserError(f"another run (pid {owner.get('pid')}{where}) is using "
+                                f"{out_dir}; wait for it to finish, use another --out_dir, or "
+                                f"delete {self.path} if that run is gone") from None
+            except OSError as e:
+                raise UserError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}; "
+                                "pick a writable --out_dir") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            import atexit
+            atexit.register(self.release)
+            return
+        raise UserError(f"cannot take the lock {self.path}; delete it if no run is using "
+                        f"{out_dir}")
+
+    def _owner(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            # half-written (the owner was killed between create and write): stale if old
+            try:
+                return None if time.time() - os.path.getmtime(self.path) > 10 else {"pid": "?"}
+            except OSError:
+                return None
+
+    def release(self):
+        if self.held:
+            self.held = False
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+
+_RUN_RESOURCES = []  # locks and signal handlers taken by the trainer call now running
+
+
+def trainer(fn):
+    """Decorate a trainer's main: whatever way it ends (return, error, Ctrl-C), the run lock
+    it took is released and the signal handlers it installed are restored, so that tests (and
+    notebooks) can run trainers one after another in one process."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        depth = len(_RUN_RESOURCES)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_RUN_RESOURCES) > depth:
+                _RUN_RESOURCES.pop().release()
+    return run
+
+
+def start_run(out_dir, ckpt, resume, is_main=None):
+    """What every run does first, in this order: take the out_dir lock (so that a second run
+    cannot interleave with this one), refuse to overwrite an earlier run's checkpoint unless
+    resuming, and remove a .tmp that a killed save left (safe: we hold the lock). Only rank 0
+    (env RANK) touches the directory. Returns (RunLock, StopSignals)."""
+    is_main = int(os.environ.get("RANK", 0)) == 0 if is_main is None else is_main
+    lock = RunLock(out_dir, enabled=is_main)
+    _RUN_RESOURCES.append(lock)
+    check_fresh_start(ckpt, resume)
+    if is_main:
+        remove_stale_tmp(ckpt)
+    signals = StopSignals()
+    _RUN_RESOURCES.append(signals)
+    return lock, signals
+
+
+def finished_message(path, step, total):
+    return (f"{path} is already finished ({step} of {total} steps): nothing to do; raise "
+            "--max_steps to train on, or start a new run with another --out_dir")
+
+
+def guarded_save(save, step, last_ckpt, model, optimizer, guard, probe_loss):
+    """save(step) only when checkpoint_problem finds nothing wrong with the state; otherwise
+    raise TrainingDiverged naming the last good checkpoint (which resumes). Returns the path
+    save() returns."""
+    problem = checkpoint_problem(model, optimizer, probe_loss, guard)
+    if problem:
+        keep = (f"the last good checkpoint is {last_ckpt} (resume it with --resume and a lower "
+                "--lr)") if last_ckpt else "no checkpoint was written yet"
+        raise TrainingDiverged(f"the weights after step {step} are diverging ({problem}), so "
+                               f"they were not saved; {keep}")
+    return save(step)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a pre-empted or cancelled job) set .requested instead of
+    killing the run; the training loop checks it once per step, saves a checkpoint and exits
+    (Interrupted: 130 for SIGINT, 143 for SIGTERM). A second signal kills the run at once,
+    as usual. Under torchrun every rank gets the signal; should_stop() all-reduces the flag
+    so that all ranks stop after the same step."""
+
+    def __init__(self):
+        import signal
+        self.requested = None
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep the default behaviour
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+        self.requested = signum
+        for sig, old in self._old.items():  # a second signal acts normally
+            signal.signal(sig, old)
+
+    def should_stop(self, device):
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    def exit_code(self):
+        import signal
+        return 143 if self.requested == signal.SIGTERM else 130
+
+    def name(self):
+        import signal
+        return "SIGTERM" if self.requested == signal.SIGTERM else "SIGINT"
+
+    def release(self):
+        import signal
+        for sig, old in self._old.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, old)
+        self._old = {}
+
+
 class RunLogger:
     """metrics.jsonl (one JSON object per log call) and metrics.csv in out_dir, plus wandb when
     asked for and installed. Only the main rank writes (enabled=False elsewhere). New keys
-    (val loss appearing later, say) rewrite the CSV header from the JSONL."""
+    (val loss appearing later, say) rewrite the CSV header from the JSONL.
 
-    def __init__(self, out_dir, cfg=None, enabled=True, use_wandb=False, project="dyt", name=""):
+    The logs hold the run's true history: a fresh run (resume_step None) moves the logs of an
+    earlier run that never checkpointed aside to metrics.jsonl.old; a run resumed from the
+    checkpoint of step S drops the rows logged after S (they are logged again), so no step
+    appears twice."""
+
+    def __init__(self, out_dir, cfg=None, enabled=True, use_wandb=False, project="dyt", name="",
+                 resume_step=None):
         self.enabled = enabled
         self.jsonl = os.path.join(out_dir, "metrics.jsonl")
         self.csv = os.path.join(out_dir, "metrics.csv")
@@ -596,9 +950,17 @@ class RunLogger:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(self.jsonl) and resume_step is None:
+            os.replace(self.jsonl, self.jsonl + ".old")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.csv)
         if os.path.exists(self.jsonl):  # resuming: keep the columns seen so far
-            for row in self._rows():
+            rows = self._rows()
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            for row in kept:
                 self.columns += [k for k in row if k not in self.columns]
+            if len(kept) != len(rows) or not os.path.exists(self.csv):
+                self._rewrite(kept)
         if use_wandb:
             try:
                 import wandb
@@ -609,8 +971,27 @@ class RunLogger:
                       file=sys.stderr)
 
     def _rows(self):
+        rows = []
         with open(self.jsonl) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut short by a kill: not part of the history
+                    pass
+        return rows
+
+    def _rewrite(self, rows):
+        # both files via tmp + os.replace: a kill during the rewrite loses no rows
+        for path, write in ((self.jsonl, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows)),
+                            (self.csv, lambda f: self._write_csv(f, rows))):
+            with open(path + ".tmp", "w", newline="") as f:
+                write(f)
+            os.replace(path + ".tmp", path)
+
+    def _write_csv(self, f, rows):
+        w = csv.DictWriter(f, fieldnames=self.columns)
+        w.writeheader()
+        w.writerows(rows)
 
     def log(self, row):
         if not self.enabled:
@@ -623,9 +1004,7 @@ class RunLogger:
         if new or not os.path.exists(self.csv):
             self.columns += new
             with open(self.csv, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.columns)
-                w.writeheader()
-                w.writerows(self._rows())
+                self._write_csv(f, self._rows())
         else:
             with open(self.csv, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(row)

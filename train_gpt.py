@@ -62,7 +62,8 @@ class GPTTrainConfig(tc.TrainConfig):
     # data and batch
     data: str = field(default="default", metadata={"help": "'default' (built-in corpus) or a prepared dir"})
     global_batch_tokens: int = 16 * 256
-    micro_batch: int = field(default=16, metadata={"help": "sequences per micro-step per rank"})
+    micro_batch: int = field(default=0, metadata={"help": "sequences per micro-step per rank; 0: "
+                                                 "the rank's share of the batch, in steps of <= 16"})
     train_tokens: int = field(default=0, metadata={"help": "token budget; steps = ceil(this / global batch) when max_steps is 0"})
     eval_tokens: int = field(default=65536, metadata={"help": "validation tokens per evaluation"})
     # sampling at the end
@@ -123,21 +124,35 @@ def derive_steps(cfg):
 
 
 def batch_plan(cfg, world_size):
-    """(global batch in sequences, micro-steps per rank) from the token budget per step."""
+    """(global batch in sequences, micro-steps per rank) from the token budget per step.
+    --micro_batch 0 derives it from the world size (so plain `torchrun --nproc_per_node=N`
+    needs no extra flag); train() writes the micro batch used back into cfg."""
     if cfg.global_batch_tokens % cfg.seq_len:
         raise UserError(f"--global_batch_tokens {cfg.global_batch_tokens} is not a multiple of "
                         f"--seq_len {cfg.seq_len}")
     seqs = cfg.global_batch_tokens // cfg.seq_len
-    return seqs, tc.accumulation_steps(seqs, cfg.micro_batch, world_size)
+    micro = cfg.micro_batch or tc.auto_micro_batch(
+        seqs, world_size, flag="--global_batch_tokens / --seq_len")
+    return seqs, tc.accumulation_steps(seqs, micro, world_size)
+
+
+def check_flags(cfg):
+    """One-line errors for values that would crash later (--seq_len 0: a zero division)."""
+    tc.require_positive(cfg, ("dim", "n_layer", "n_head", "n_kv_head", "seq_len",
+                              "global_batch_tokens", "eval_tokens", "temperature"))
+    for name in ("micro_batch", "train_tokens", "vocab_size", "ffn_dim", "stop_at",
+                 "sample_tokens", "top_k"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("alpha0_attn", "alpha0_other", "alpha0_final", "dyt_gamma0"):
+        value = getattr(cfg, name)
+        zero_ok = name in ("alpha0_attn", "alpha0_other")  # their 0 means "by width"
+        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+            raise UserError(f"--{name} must be > 0{' (or 0: by width)' if zero_ok else ''}, "
+                            f"got {value}")
 
 
 def model_config(cfg, data_vocab):
-    for flag in ("alpha0_attn", "alpha0_other", "alpha0_final", "dyt_gamma0"):
-        value = getattr(cfg, flag)
-        zero_ok = flag in ("alpha0_attn", "alpha0_other")  # their 0 means "by width"
-        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
-            raise UserError(f"--{flag} must be > 0{' (or 0: by width)' if zero_ok else ''}, "
-                            f"got {value}")
     vocab = cfg.vocab_size or 64 * math.ceil(data_vocab / 64)  # round up: faster matmuls
     if vocab < data_vocab:
         raise UserError(f"the data's encoding has {data_vocab} tokens but --vocab_size is "
@@ -209,10 +224,12 @@ def _encoding_or_none(name):
 
 # ---------------------------------------------------------------------------------------------
 
+@tc.trainer
 def train(argv=None):
     cfg, preset, _ = tc.parse_config(GPTTrainConfig, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    check_flags(cfg)
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"gpt_{cfg.norm}")
-    tc.check_fresh_start(ckpt_path(cfg), cfg.resume)
+    _, signals = tc.start_run(cfg.out_dir, ckpt_path(cfg), cfg.resume)
     dist = tc.setup_distributed(cfg.device, force_group=cfg.fsdp)
     device = dist.device
     if device.type == "cuda":
@@ -230,6 +247,7 @@ def train(argv=None):
     steps = derive_steps(cfg)
     cfg.max_steps = steps
     global_seqs, accum = batch_plan(cfg, dist.world_size)
+    cfg.micro_batch = global_seqs // (dist.world_size * accum)
     global_tokens = global_seqs * cfg.seq_len
     if cfg.fsdp:
         _fsdp_even(val_set, cfg, dist)
@@ -269,6 +287,12 @@ def train(argv=None):
         if len(rngs) == dist.world_size:
             tc.restore_rng_state(rngs[dist.rank])
         last_ckpt = path
+        if start_step >= steps:
+            if dist.is_main:
+                print(tc.finished_message(path, start_step, steps), flush=True)
+            if dist.initialized_here:
+                tc.teardown_distributed()
+            return None
 
     if not cfg.fsdp:
         model = tc.wrap_ddp(model, dist)
@@ -288,7 +312,17 @@ def train(argv=None):
         tc.barrier()
         return path
 
-    logger = tc.RunLogger(cfg.out_dir, cfg, dist.is_main, cfg.wandb, cfg.wandb_project, cfg.run_name)
+    def checked_save(step, x, y):
+        # the loss of the weights about to be saved, on the step's last batch: a checkpoint is
+        # written only from a state that is finite and not exploding (tc.checkpoint_problem)
+        raw.eval()
+        with torch.no_grad(), autocast:
+            _, probe = raw(x, y)
+        raw.train()
+        return tc.guarded_save(save, step, last_ckpt, raw, optimizer, guard, probe.item())
+
+    logger = tc.RunLogger(cfg.out_dir, cfg, dist.is_main, cfg.wandb, cfg.wandb_project,
+                          cfg.run_name, resume_step=start_step if cfg.resume else None)
     flops_tok = raw.flops_per_token(cfg.seq_len)
     if dist.is_main:
         alpha0 = ("" if cfg.norm in ("rms", "ln") else
@@ -362,8 +396,20 @@ def train(argv=None):
         if row is not None:
             logger.log(row)
         stopping = done == cfg.stop_at
-        if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or is_last or stopping:
-            last_ckpt = save(done)
+        signalled = signals.should_stop(device)
+        if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or is_last or stopping \
+                or signalled:
+            try:
+                last_ckpt = checked_save(done, x, y)
+            except tc.TrainingDiverged:
+                if bar is not None:
+                    bar.close()
+                raise
+        if signalled and not is_last:
+            if bar is not None:
+                bar.close()
+            raise tc.Interrupted(f"{signals.name()} at step {done}: saved {last_ckpt}; continue "
+                                 "with the same command and --resume", signals.exit_code())
         timer.lap()  # evaluation and saving do not count against tokens/s
         if bar is not None:
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -405,7 +451,8 @@ def sample(argv=None):
         raise UserError(f"{a.ckpt} is a sharded (FSDP) checkpoint; sample from a single-file "
                         "ckpt.pt (train without --fsdp, or convert with "
                         "torch.distributed.checkpoint.format_utils.dcp_to_torch_save)")
-    state = tc.load_checkpoint(a.ckpt)
+    state = tc.load_checkpoint(a.ckpt, missing_hint="check --ckpt (training writes "
+                               "out/gpt_<norm>/ckpt.pt)")
     try:
         mcfg = GPTConfig(**state["model_config"])
     except (KeyError, TypeError):

@@ -81,6 +81,8 @@ class ViTTrainConfig(tc.TrainConfig):
     stop_at: int = field(default=0, metadata={
         "help": "checkpoint and stop after this step, as if interrupted; --resume continues"})
     log_interval: int = 50
+    ckpt_interval: int = field(default=100, metadata={
+        "help": "steps between checkpoints (0: final only); SIGINT/SIGTERM also save"})
     eval_interval: int = field(default=0, metadata={"help": "steps between evaluations; 0: each epoch"})
     # data
     dataset: str = field(default="fashion_mnist", metadata={"choices": list(DATASETS)})
@@ -130,7 +132,7 @@ class ViTTrainConfig(tc.TrainConfig):
 _IMAGENET = dict(dataset="imagenet", img_size=224, patch_size=16, epochs=300, warmup_epochs=20,
                  weight_decay=0.05, randaug_n=2, randaug_m=9, mixup=0.8, cutmix=1.0,
                  label_smoothing=0.1, reprob=0.25, crop_pad=0, grad_clip=0.0,
-                 eval_batch=250, log_interval=100)
+                 eval_batch=250, log_interval=100, ckpt_interval=1000)
 PRESETS = {
     # the default: a 4-block ViT on 28x28 Fashion-MNIST (16 patches of 7x7), CPU minutes
     "fashion_mnist": dict(),
@@ -720,14 +722,15 @@ def check_flags(cfg):
         raise tc.UserError(f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
 
 
+@tc.trainer
 def main(argv=None):
     cfg, preset, given = tc.parse_config(ViTTrainConfig, PRESETS, argv, default_preset="fashion_mnist",
                                      description="Train a ViT with LayerNorm or DyT.")
     check_flags(cfg)
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"vit_{cfg.norm}")
-    tc.check_fresh_start(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.resume)
     if cfg.fsdp:
         raise tc.UserError("--fsdp is for train_gpt.py; ViTs up to L train with DDP")
+    _, signals = tc.start_run(cfg.out_dir, os.path.join(cfg.out_dir, "ckpt.pt"), cfg.resume)
     dist = tc.setup_distributed(cfg.device)
     device, main_rank = dist.device, dist.is_main
     tc.seed_everything(cfg.seed, dist.rank)
@@ -768,12 +771,18 @@ def main(argv=None):
         guard.load_state_dict(state["guard"])
         step = state["step"]
         tc.restore_rng_state(state["rng"])
+        if step >= total_steps:
+            if main_rank:
+                print(tc.finished_message(ckpt_path, step, total_steps), flush=True)
+            tc.teardown_distributed()
+            return {}
     train_model = tc.wrap_ddp(model, dist)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
     logger = tc.RunLogger(cfg.out_dir, cfg, enabled=main_rank, use_wandb=cfg.wandb,
-                          project=cfg.wandb_project, name=cfg.run_name)
+                          project=cfg.wandb_project, name=cfg.run_name,
+                          resume_step=step if cfg.resume else None)
     probe = (test.batch(np.arange(min(256, len(test))))[0] if isinstance(test, InMemoryImages)
              else next(iter(torch.utils.data.DataLoader(test, batch_size=64)))[0].to(device))
     if main_rank:
@@ -782,6 +791,16 @@ def main(argv=None):
               f"test; global batch {cfg.batch_size} = {dist.world_size} ranks x {micro} x {accum} "
               f"accumulation; {total_steps} steps ({steps_per_epoch}/epoch); device {device}",
               flush=True)
+
+    def checked_save(step, x, targets):
+        # the loss of the weights about to be saved, on the step's last micro-batch: a
+        # checkpoint is written only from a finite, non-exploding state (tc.checkpoint_problem)
+        model.eval()
+        with torch.no_grad(), ctx:
+            probe = soft_cross_entropy(model(x), targets).item()
+        model.train()
+        last = ckpt_path if os.path.exists(ckpt_path) else None
+        tc.guarded_save(save, step, last, model, optimizer, guard, probe)
 
     def save(step):
         if main_rank:
@@ -882,18 +901,24 @@ def main(argv=None):
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or (not cfg.eval_interval and end_of_epoch):
             run_eval(step)
             timer = time.perf_counter()  # images/s counts training only
+        if signals.should_stop(device) and step < total_steps:
+            checked_save(step, x, targets)
+            bar.close()
+            logger.close()
+            raise tc.Interrupted(f"{signals.name()} at step {step}: saved {ckpt_path}; continue "
+                                 "with the same command and --resume", signals.exit_code())
         if step == cfg.stop_at and step < total_steps:
-            save(step)
+            checked_save(step, x, targets)
             bar.close()
             logger.close()
             tc.teardown_distributed()
             return row
         if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < total_steps:
-            save(step)
+            checked_save(step, x, targets)
             timer = time.perf_counter()
     bar.close()
     final = run_eval(step, final=True)
-    save(step)
+    checked_save(step, x, targets)
     logger.close()
     tc.teardown_distributed()
     return final

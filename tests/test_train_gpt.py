@@ -76,8 +76,10 @@ def test_resume_continues_exactly(tmp_path, reference):
 
 
 def test_ddp_two_processes_match_one(tmp_path, reference):
+    # no --micro_batch: the default derives it from the world size (2 x 4 here), so the
+    # README's plain `torchrun --nproc_per_node=2 train_gpt.py` works
     _, ref = reference
-    got = torchrun(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS))
+    got = torchrun(tmp_path, "--norm", "dyt", "--max_steps", str(STEPS), "--micro_batch", "0")
     for s in range(1, STEPS + 1):
         assert got[s] == pytest.approx(ref[s], rel=1e-5), s
 
@@ -161,13 +163,15 @@ def test_preset_arithmetic():
 
 
 def test_explosion_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    # A huge lr without clipping blows the loss up within a few steps of the step-2 checkpoint.
-    err = one_line_error(TINY + ["--out_dir", str(tmp_path), "--norm", "rms", "--lr", "30",
-                                 "--warmup_steps", "0", "--grad_clip", "0", "--max_steps", "60",
-                                 "--ckpt_interval", "2", "--explode_factor", "2"], capsys)
-    assert ("exploded" in err or "diverged" in err) and "ckpt.pt" in err, err
+    # A huge lr without clipping blows the loss up within a few steps. The checkpoint the error
+    # names holds finite weights; the exploding ones after it were never saved (their loss is
+    # checked before each save: tests/test_faults.py covers divergence then resume).
+    err = one_line_error(TINY + ["--out_dir", str(tmp_path), "--norm", "rms", "--lr", "10",
+                                 "--warmup_steps", "10", "--grad_clip", "0", "--max_steps", "60",
+                                 "--ckpt_interval", "1", "--explode_factor", "2"], capsys)
+    assert ("explod" in err or "diverg" in err) and "ckpt.pt" in err, err
     state = tc.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert state["step"] >= 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 # The stall at small width (this project's finding): with gamma 1, DyT's +-1 output ceiling
