@@ -42,8 +42,8 @@ Design, for memory bandwidth (the layer is element-wise: the floor is moving the
   backward  one pass: reads x and dy, recomputes f(alpha*x + s) from x, writes dx and
             accumulates the parameter gradients in fp32 register tiles. Each program owns a
             fixed (row range, column block): a 2-D split, so there are enough programs for
-            four resident blocks per SM while every program still walks >= 64 rows (the
-            partials stay ~2% of the bytes). Per-program partial rows, then a small second
+            two resident 8-warp blocks per SM while every program still walks >= 64 rows (the
+            partials stay ~1-3% of the bytes); the row loop is software-pipelined (cp.async). Per-program partial rows, then a small second
             kernel sums them in a fixed order over many programs. No atomics: the same inputs
             give the same bits. Everything is a fixed function of (M, C, dtype, SM count):
             nothing is autotuned. See the comment above _squash_bwd_kernel for the
@@ -247,23 +247,29 @@ def _squash_fwd_kernel(X, Y, A, S, W, B, M, C, n_cblocks,
 # Work split: the [M, C] tensor is cut into n_cblocks column blocks of BLOCK_C channels and
 # G_rows row ranges of rows_per_prog rows; program pid = (row range r, column block c) with
 # c = pid mod n_cblocks. It walks its rows in BLOCK_M-row tiles (BLOCK_M x BLOCK_C = 2048
-# elements: 16 per thread at 4 warps), adding into [BLOCK_M, BLOCK_C] fp32 accumulators
-# (element-wise adds, no cross-thread traffic in the loop), reduces them over rows once at the
-# end, and writes one partial row: PG[r, cols], PB[r, cols], PA[r, cols] (per-channel alpha).
-# Scalar alpha and s write one number per program: PA[pid], PS[pid].
+# elements: 8 per thread at 8 warps, one 128-bit load per thread of bf16 x and of dy), adding
+# into [BLOCK_M, BLOCK_C] fp32 accumulators (element-wise adds, no cross-thread traffic in the
+# loop), reduces them over rows once at the end, and writes one partial row: PG[r, cols],
+# PB[r, cols], PA[r, cols] (per-channel alpha). Scalar alpha and s write one number per
+# program: PA[pid], PS[pid].
 #
-# Bytes, 4096 x 4096 bf16 on an H100 (132 SMs): x + dy + dx = 96 MiB. Partials: about 4 programs
-# per SM -> G_rows = 32 row ranges of 128 rows; 32 x 4096 x 4 B x 2 (gamma, beta) = 1 MiB
-# written and read again = 2 MiB, 2% of the backward's bytes (it was 8% with one program per
-# 32 rows over all C).
-# Bytes in flight (what a memory-bound kernel needs: ~3 TB/s x ~0.7 us latency / 132 SMs
-# ~ 16 KiB per SM): each program iteration loads 2048 x 2 x 2 B = 8 KiB (bf16; 16 KiB fp32).
-# The design has 4 resident programs of 4 warps per SM (registers <= 128: asserted by the static
-# sm_90 test), so >= 32 KiB per SM is in flight even without software pipelining;
-# NUM_STAGES > 1 (tl.range's cp.async pipelining, an option bench.py can time) adds the next
-# tile on top. Expected: 80-90% of copy bandwidth for the backward kernel (the old design, one
-# 8-warp block per SM at 149 registers with ~16 KiB in flight, was estimated at 65-85%).
-# Unmeasured: no GPU has run it.
+# Sizes for 4096 x 4096 bf16 on an H100 (132 SMs, ~3.0 TB/s copy):
+#   bytes       x + dy + dx = 96 MiB; floor 96 MiB / 3.0 TB/s = 33.6 us.
+#   programs    2 per SM, never more (a 265th program would be a second wave): 16 column
+#               blocks x 16 row ranges of 256 rows = 256 programs.
+#   partials    256 x 256 channels x 4 B x 2 (gamma, beta) = 0.5 MiB written, read again by
+#               the reduce: 1 MiB, 1% of the backward's bytes (8% in the previous design).
+#   in flight   Little's law: 3.0 TB/s x ~0.7 us of DRAM latency / 132 SMs ~ 16 KiB per SM must
+#               be outstanding. One tile of x + dy is 2048 x 2 x 2 B = 8 KiB; with NUM_STAGES=2
+#               the next tile's cp.async is in flight while this one is computed, so each
+#               program keeps 8-16 KiB outstanding and the 2 resident programs 16-32 KiB per SM
+#               (fp32: twice that). Registers: 80 (tanh) / 111 (erf) for bf16 scalar alpha on
+#               Triton 3.9, <= 128 in every variant the static test compiles: 2 blocks of 8
+#               warps fit (65,536 registers per SM).
+#   expected    80-90% of copy for the backward kernel (the previous design: one 8-warp block
+#               per SM at 149 registers, no pipelining, ~16 KiB in flight: est. 65-85%).
+#               With the reduce (~1 MiB, a few us of latency) fwd+bwd at 4096^2 bf16 has a
+#               floor of 160 MiB / 3.0 TB/s = 55.9 us. All estimates: no GPU has run this.
 
 @triton.jit
 def _squash_bwd_kernel(X, DY, DX, A, S, W, P, M, C, rows_per_prog, n_cblocks, pb_off, pa_off,
@@ -379,11 +385,15 @@ if _INTERPRET:
     _install_interpreter_shim()
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-BWD_TILE = 2048          # elements per backward tile: 16 per thread at 4 warps
-BWD_WARPS = 4
-BWD_PROGRAMS_PER_SM = 4  # the occupancy the backward is designed for (registers <= 128)
-BWD_MIN_ROWS = 64        # rows per program at least: partials <= ~2-4% of the bytes
-BWD_STAGES = int(os.environ.get("DYT_BWD_STAGES", "1"))  # tl.range pipelining depth (option)
+BWD_TILE = 2048          # elements per backward tile: 8 per thread at 8 warps
+BWD_WARPS = 8
+BWD_PROGRAMS_PER_SM = 2  # the occupancy the backward is designed for: registers <= 128
+                         # (asserted by the static sm_90 test), so 2 blocks of 8 warps fit
+BWD_MIN_ROWS = 64        # rows per program at least: partials <= ~3% of the bytes
+# tl.range software-pipelining depth of the backward's row loop: 2 = the next tile's x and dy
+# are fetched by cp.async (LDGSTS) into shared memory while this tile is computed. 1 turns it
+# off (plain loads into registers); bench.py --bwd-stages times the choices.
+BWD_STAGES = int(os.environ.get("DYT_BWD_STAGES", "2"))
 RED_BLOCK_C, RED_BLOCK_G, RED_BLOCK_S = 32, 64, 1024
 
 
@@ -421,9 +431,11 @@ def _fwd_blocks(M, C, elem_bytes):
 def _bwd_blocks(M, C):
     # 2048-element tiles, at most 256 channels wide: narrow column blocks keep the partials
     # small (their size is programs x BLOCK_C, not G x C) and give a 4096-wide layer 16 blocks.
+    # 8 elements per thread at 8 warps: one 128-bit load of bf16 x (two of fp32).
     block_c = min(_next_pow2(C), 256)
     block_m = min(max(1, BWD_TILE // block_c), _next_pow2(M))
-    num_warps = BWD_WARPS if block_m * block_c >= 1024 else 2
+    tile = block_m * block_c
+    num_warps = BWD_WARPS if tile >= 2048 else (4 if tile >= 512 else 2)
     return block_m, block_c, num_warps
 
 
@@ -432,7 +444,7 @@ _SM_COUNT = {}
 
 def _sm_count(device):
     if device.type != "cuda":
-        return 1  # interpreter: a few programs, so the partial reduction is exercised
+        return 2  # interpreter: a few programs, so the partial reduction is exercised
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -442,12 +454,13 @@ def _sm_count(device):
 def _bwd_grid(M, C, block_m, block_c, n_sm, min_rows=BWD_MIN_ROWS):
     """(G_rows, rows_per_prog, n_cblocks): the backward's 2-D split (see the kernel comment).
 
-    About BWD_PROGRAMS_PER_SM programs per SM in all, but at least min_rows rows per program;
-    rows_per_prog is a multiple of block_m (no ragged tile inside a range) and G_rows covers M
-    with no empty range.
+    At most BWD_PROGRAMS_PER_SM programs per SM in all (floor, not ceil: one program more
+    than fits would run as a second wave, doubling the tail), but at least min_rows rows per
+    program; rows_per_prog is a multiple of block_m (no ragged tile inside a range) and G_rows
+    covers M with no empty range.
     """
     n_cblocks = triton.cdiv(C, block_c)
-    target_rows = max(1, triton.cdiv(BWD_PROGRAMS_PER_SM * n_sm, n_cblocks))
+    target_rows = max(1, (BWD_PROGRAMS_PER_SM * n_sm) // n_cblocks)
     rows = max(triton.cdiv(M, target_rows), min_rows)
     rows = triton.cdiv(rows, block_m) * block_m
     return triton.cdiv(M, rows), rows, n_cblocks
@@ -504,19 +517,22 @@ def _fwd_cfg(M, C, x):
     return cfg
 
 
+def _bwd_plan(M, C, n_sm, min_rows=BWD_MIN_ROWS):
+    """Every launch parameter of the backward and its reduce, for n_sm multiprocessors."""
+    block_m, block_c, num_warps = _bwd_blocks(M, C)
+    g_rows, rows, n_cblocks = _bwd_grid(M, C, block_m, block_c, n_sm, min_rows)
+    n_col = triton.cdiv(C, RED_BLOCK_C)
+    return dict(block_m=block_m, block_c=block_c, num_warps=num_warps, g_rows=g_rows,
+                rows=rows, n_cblocks=n_cblocks, n_col=n_col, grid=(g_rows * n_cblocks,),
+                red_grid=(n_col + 1,), red_block_g=min(_next_pow2(g_rows), RED_BLOCK_G))
+
+
 def _bwd_cfg(M, C, device):
     key = (M, C, device)
     cfg = _BWD_CFG.get(key)
     if cfg is None:
-        block_m, block_c, num_warps = _bwd_blocks(M, C)
-        n_sm = _sm_count(device)
-        # interpreter: ~4 programs in all; small minimum so the tests see several row ranges
-        g_rows, rows, n_cblocks = _bwd_grid(M, C, block_m, block_c, n_sm,
-                                            BWD_MIN_ROWS if device.type == "cuda" else 32)
-        n_col = triton.cdiv(C, RED_BLOCK_C)
-        cfg = dict(block_m=block_m, block_c=block_c, num_warps=num_warps, g_rows=g_rows,
-                   rows=rows, n_cblocks=n_cblocks, n_col=n_col, grid=(g_rows * n_cblocks,),
-                   red_grid=(n_col + 1,), red_block_g=min(_next_pow2(g_rows), RED_BLOCK_G))
+        # interpreter: 2 programs' worth, 32-row minimum, so the tests see several row ranges
+        cfg = _bwd_plan(M, C, _sm_count(device), BWD_MIN_ROWS if device.type == "cuda" else 32)
         _BWD_CFG[key] = cfg
     return cfg
 
