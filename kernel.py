@@ -129,9 +129,11 @@ def _install_interpreter_shim():
 # Not 2*sigmoid(2z)-1, which loses all relative precision as z -> 0.
 #
 # Cost per element (static sm_90 SASS, see tests/test_kernel.py::test_sm90_*): libdevice tanh
-# ~30-39 instructions, tanh.approx (one MUFU.TANH) ~8-18. At 3 TB/s a bf16 forward streams
-# 0.75 G elements/ms per... i.e. ~5.7 elements per SM per ns against 4 x 32 = 128 lanes/clk at
-# ~1.7 GHz: ~70% of issue slots go to libdevice tanh, which is why approx is worth measuring.
+# ~30-39 instructions, tanh.approx (one MUFU.TANH) ~8-18. At 3 TB/s a bf16 forward (4 B per
+# element) streams 750 elements/ns, 5.7 per SM per ns, ~3.3 per SM per clock at ~1.75 GHz; an SM
+# issues 4 warp-instructions (128 thread-instructions) per clock, so the budget is ~39
+# instructions per element. libdevice tanh takes most of it (the review's estimate: ~70% of issue
+# slots), which is why tanh.approx is worth measuring.
 
 @triton.jit
 def _tanh(z, MODE: tl.constexpr):
