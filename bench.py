@@ -39,6 +39,8 @@ How the kernel level is timed (why each choice):
 """
 
 import argparse
+import contextlib
+import subprocess
 import datetime
 import itertools
 import json
@@ -54,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import DyT, dyt_reference
+from dyt import DyT, Derf, derf_reference, dyt_reference
 from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, gpt_config, vit_config
 
 ROOT = Path(__file__).resolve().parent
@@ -108,6 +110,36 @@ def time_cuda(fn, warmup_ms=25, rep_ms=100):
     return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8]))
 
 
+def time_cuda_graph(fn, calls_per_graph, replays=20):
+    """Per-call ms (p20, p50, p80) of fn replayed from a CUDA graph: the GPU's own time, with the
+    host's launch cost (Python, Triton's launcher, the driver) taken out. One graph holds
+    calls_per_graph calls (one per rotating input set, so no call finds its input in L2);
+    each replay is timed with CUDA events and divided by calls_per_graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        for _ in range(2 * calls_per_graph):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls_per_graph)
+    del graph
+    return tuple(quantile(times, q) for q in (0.2, 0.5, 0.8))
+
+
 def time_cpu(fn, warmup_s=0.01, rep_s=0.06, min_reps=5):
     # The CPU runs synchronously, so a host clock around each call is the call's time.
     fn()
@@ -154,6 +186,9 @@ def random_params(kind, C, dtype, device):
     b = lambda: (0.1 * torch.randn(C, device=device)).to(dtype).requires_grad_()
     if kind == "dyt":
         return [torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True), g(), b()]
+    if kind == "derf":  # [alpha, shift, gamma, beta]
+        return [torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True),
+                torch.full((1,), 0.1, device=device, dtype=dtype, requires_grad=True), g(), b()]
     if kind == "ln":
         return [g(), b()]
     return [g()]
@@ -163,6 +198,8 @@ def reference(kind, x, params):
     """The function each kind must compute (run in float64 for the checks)."""
     if kind == "dyt":
         return dyt_reference(x, *params)
+    if kind == "derf":
+        return derf_reference(x, *params)
     if kind == "ln":
         return F.layer_norm(x, x.shape[-1:], *params, eps=EPS)
     return F.rms_norm(x, x.shape[-1:], *params, eps=EPS)
@@ -178,15 +215,45 @@ def load_kernel():
     return kernel
 
 
-def build_fused_dyt(C, dtype, device):
-    if device.type != "cuda":
-        raise Unavailable("the fused Triton kernel needs a CUDA GPU")
+def build_fused(kind="dyt", tanh="auto", bwd_stages=None):
+    """The fused Triton kernel (kernel.py) for DyT or Derf. tanh: kernel.TANH for the call
+    ("approx" = PTX tanh.approx.f32 for bf16/fp16); bwd_stages: the backward's pipelining depth.
+    Both are set around each call, so rows with different options can share a run."""
+    def build(C, dtype, device):
+        if device.type != "cuda":
+            raise Unavailable("the fused Triton kernel needs a CUDA GPU")
+        kernel = load_kernel()
+        probe = torch.empty(1, C, device=device, dtype=dtype)
+        if not kernel.available(probe):
+            raise Unavailable("kernel.available() is False for this tensor")
+        params = random_params(kind, C, dtype, device)
+        fn = (lambda x: kernel.derf(x, *params)) if kind == "derf" else (lambda x: kernel.dyt(x, *params))
+        # kernel.TANH / BWD_STAGES are read at launch time, the backward's when autograd runs
+        # it: bench_kernels holds them set (kernel_options) around the check and every call
+        fn.options = dict(TANH=tanh, BWD_STAGES=bwd_stages or kernel.BWD_STAGES)
+        return fn, params
+    return build
+
+
+@contextlib.contextmanager
+def kernel_options(fn):
+    """Set the fused kernel's module options for fn (see build_fused) while inside."""
+    options = getattr(fn, "options", None)
+    if not options:
+        yield
+        return
     kernel = load_kernel()
-    probe = torch.empty(1, C, device=device, dtype=dtype)
-    if hasattr(kernel, "available") and not kernel.available(probe):
-        raise Unavailable("kernel.available() is False for this tensor")
-    params = random_params("dyt", C, dtype, device)
-    return (lambda x: kernel.dyt(x, *params)), params
+    saved = {k: getattr(kernel, k) for k in options}
+    for k, v in options.items():
+        setattr(kernel, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(kernel, k, v)
+
+
+build_fused_dyt = build_fused("dyt")
 
 
 def build_plain(kind):
@@ -248,15 +315,20 @@ def optional_library_ops():
     return ops, notes
 
 
-def kernel_ops(device):
+def kernel_ops(device, bwd_stages=()):
     """(row name, kind, builder) of every layer timed, and notes on what was skipped."""
     ops = [
-        ("DyT fused (Triton)", "dyt", build_fused_dyt),
+        ("DyT fused (Triton)", "dyt", build_fused("dyt")),
+        ("DyT fused tanh.approx", "dyt", build_fused("dyt", tanh="approx")),
+        ("Derf fused (Triton)", "derf", build_fused("derf")),
         ("DyT plain", "dyt", build_plain("dyt")),
         ("DyT compile", "dyt", build_compiled("dyt")),
+        ("Derf plain", "derf", build_plain("derf")),
         ("LayerNorm", "ln", build_plain("ln")),      # F.layer_norm: PyTorch's fused kernel
         ("RMSNorm", "rms", build_plain("rms")),      # F.rms_norm: fused on CUDA
     ]
+    for stages in bwd_stages or ():
+        ops.insert(1, (f"DyT fused bwd_stages={stages}", "dyt", build_fused("dyt", bwd_stages=stages)))
     notes = []
     if device.type == "cuda":
         # The comparison users asked for: DyT compiled against RMSNorm compiled (both Triton).
@@ -271,12 +343,12 @@ def kernel_ops(device):
 # ---------------------------------------------------------------------------------------------
 # Kernel level
 
-def shape_sets(device, vit_batch, only):
+def shape_sets(device, vit_batch, only, full=False):
     """{set name: [shape, ...]}. The CPU gets fewer rows so that the whole run stays under a
-    minute; the GPU gets the paper's shapes."""
+    minute; the GPU gets the paper's shapes (eight sequences and the sweep with --full)."""
     if device.type == "cuda":
         sets = {
-            "llama7b": [(4096, 4096), (8, 4096, 4096)],          # one and eight 4096-token sequences
+            "llama7b": [(4096, 4096)] + ([(8, 4096, 4096)] if full else []),  # 1 (8) sequences
             "vit_b": [(vit_batch, 197, 768)],                    # 196 patches + class token
             "sweep": [(2 ** 25 // C, C) for C in (256, 512, 768, 1024, 2048, 4096, 8192, 16384)],
         }
@@ -307,31 +379,76 @@ def rel_err(a, b):
 
 
 def check(kind, fn, params, x, dy):
-    """Largest relative norm error of y (and dx, with dy) against float64."""
+    """Relative norm errors against float64: {"y": .., and with dy "dx" and one per parameter
+    ("dalpha", "dshift", "dweight", "dbias")}. Every output the layer produces is checked."""
     with torch.no_grad() if dy is None else torch.enable_grad():
         y = fn(x)
     x64 = x.detach().double().requires_grad_()
-    p64 = [p.detach().double() for p in params]
+    p64 = [p.detach().double().requires_grad_() for p in params]
     y64 = reference(kind, x64, p64)
-    err = rel_err(y, y64)
+    errs = {"y": rel_err(y, y64)}
     if dy is not None:
-        dx, = torch.autograd.grad(y, [x], dy)
-        dx64, = torch.autograd.grad(y64, [x64], dy.double())
-        err = max(err, rel_err(dx, dx64))
-    return err
+        grads = torch.autograd.grad(y, [x] + params, dy)
+        grads64 = torch.autograd.grad(y64, [x64] + p64, dy.double())
+        names = ["dx"] + PARAM_GRADS[kind]
+        for name, g, g64 in zip(names, grads, grads64):
+            errs[name] = rel_err(g, g64)
+    return errs
 
 
-def tolerance(dtype):
-    return 1e-4 if dtype == torch.float32 else 2e-2
+PARAM_GRADS = {"dyt": ["dalpha", "dweight", "dbias"], "derf": ["dalpha", "dshift", "dweight", "dbias"],
+               "ln": ["dweight", "dbias"], "rms": ["dweight"]}
 
 
-def measure_copy_bandwidth(device):
-    """GB/s of a large device-to-device copy (bytes read + written): the practical ceiling."""
-    n = (2 ** 28 if device.type == "cuda" else 2 ** 24)  # 1 GiB of fp32 on a GPU, 64 MiB on a CPU
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    _, ms, _ = time_call(lambda: dst.copy_(src), device)
-    del src, dst
+def tolerance(dtype, output="y"):
+    """y and dx: element-wise, rounded once to the dtype. Parameter gradients are sums over
+    every row (dalpha, dshift over every element), whose random-sign terms cancel: their error
+    is judged relative to the result, so they get 10x (fp32) or 5x (half: PyTorch's own CPU bf16
+    LayerNorm weight gradient is 7.6e-2 off at 4096 rows) more room."""
+    if output in ("y", "dx"):
+        return 1e-4 if dtype == torch.float32 else 2e-2
+    return 1e-3 if dtype == torch.float32 else 1e-1
+
+
+@contextlib.contextmanager
+def nan_poisoned(device, nbytes, compiled):
+    """Outputs that a kernel forgets to write must show up as NaN in the check. torch's own
+    switch for that (deterministic mode fills every torch.empty with NaN) is used for the eager
+    ops; a torch.compile'd function would recompile under it (Dynamo guards on that mode), so
+    for those the CUDA caching allocator is poisoned instead: NaN-filled blocks of the outputs'
+    sizes are freed just before the call and its outputs are carved from them (best effort)."""
+    if device.type == "cuda":
+        blocks = [torch.full((n // 4 + 1,), float("nan"), device=device) for n in nbytes]
+        del blocks
+    if compiled:
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+
+
+def measure_copy_bandwidth(device, n_bytes=None):
+    """GB/s of a device-to-device copy of n_bytes (bytes read + written): the practical ceiling.
+    Default 1 GiB on a GPU (64 MiB on a CPU); bench_kernels also measures it at each layer's own
+    size (4096 x 4096 bf16 is 32 MiB, under an H100's 50 MB L2 for one buffer: rotating source
+    buffers, as the layers get, keep it a DRAM number)."""
+    if n_bytes is None:
+        n_bytes = 2 ** 30 if device.type == "cuda" else 2 ** 26
+    n = n_bytes // 4
+    n_bufs = max(2, min(8, math.ceil(4 * l2_bytes(device) / n_bytes)))
+    srcs = [torch.randn(n, device=device) for _ in range(n_bufs)]
+    dst = torch.empty_like(srcs[0])
+    rotation = itertools.cycle(srcs)
+    _, ms, _ = time_call(lambda: dst.copy_(next(rotation)), device)
+    del srcs, dst
     return bandwidth_gbps(bytes_copy(n, 4), ms)
 
 
@@ -342,27 +459,39 @@ def l2_bytes(device):
 
 
 def bench_kernels(args, device):
-    ops, notes = kernel_ops(device)
+    ops, notes = kernel_ops(device, args.bwd_stages)
+    cuda = device.type == "cuda"
     notes = [
         "bytes counted per row (N elements of e bytes): fwd = 2*N*e (read x, write y); fwd+bwd = "
         "5*N*e (also read x and dy, write dx); parameters and per-row statistics not counted",
-        "timing: " + ("CUDA events via triton.testing.do_bench, median, L2 flushed before each call"
-                      if device.type == "cuda" else
+        "timing: " + ("median ms by CUDA events via triton.testing.do_bench (L2 flushed before "
+                      "each call; includes the host's launch cost whenever the host is slower "
+                      "than the GPU) and, beside it, 'graph ms': the same calls replayed from a "
+                      "CUDA graph, the GPU's own time" if cuda else
                       f"host clock, median, {torch.get_num_threads()} thread(s)")
         + "; inputs rotated among several random buffers; speedup = time of RMSNorm (LayerNorm) / "
-        "time of the row; rel. err = relative norm error against float64 (y, and dx for fwd+bwd)",
+        "time of the row (graph times when both have one); % copy = achieved GB/s over a "
+        "device-to-device copy of the layer's own size (and of 1 GiB in the JSON)",
+        "checked before timing, outputs NaN-poisoned first: y, and for fwd+bwd dx and every "
+        "parameter gradient, as relative norm errors against float64 (rel. err: the largest)",
     ] + notes
     copy_gbps = measure_copy_bandwidth(device)
-    print(f"device-to-device copy: {copy_gbps:.1f} GB/s (bytes read + written)", flush=True)
+    print(f"device-to-device copy, 1 GiB: {copy_gbps:.1f} GB/s (bytes read + written)", flush=True)
+    copy_at = {}
     rows = []
     dtype_names = args.dtypes
-    for set_name, shapes in shape_sets(device, args.vit_batch, args.only).items():
-        # the channel sweep in bf16 only (the training dtype), to keep the run short
-        set_dtypes = ["bf16"] if set_name == "sweep" and "bf16" in dtype_names else dtype_names
+    for set_name, shapes in shape_sets(device, args.vit_batch, args.only, args.full).items():
+        # the channel sweep (and on a GPU ViT-B unless --full) in bf16 only, the training dtype
+        short = set_name == "sweep" or (set_name == "vit_b" and cuda and not args.full)
+        set_dtypes = ["bf16"] if short and "bf16" in dtype_names else dtype_names
         for shape, dtype_name, direction in itertools.product(shapes, set_dtypes, ("fwd", "fwd+bwd")):
             dtype, backward = DTYPES[dtype_name], direction == "fwd+bwd"
             n = math.prod(shape)
-            n_bytes = bytes_moved(direction, n, torch.finfo(dtype).bits // 8)
+            elem = torch.finfo(dtype).bits // 8
+            n_bytes = bytes_moved(direction, n, elem)
+            if (n, elem) not in copy_at:  # the copy ceiling at the layer's own size
+                copy_at[(n, elem)] = measure_copy_bandwidth(device, n * elem)
+            layer_copy = copy_at[(n, elem)]
             buffers = make_buffers(shape, dtype, device, backward, 4 * l2_bytes(device))
             group = []
             for name, kind, build in ops:
@@ -371,10 +500,15 @@ def bench_kernels(args, device):
                 try:
                     fn, params = build(shape[-1], dtype, device)
                     x0, dy0 = buffers[0]
-                    err = check(kind, fn, params, x0, dy0)
-                    row["rel_err"] = err
-                    if not err <= tolerance(dtype):  # NaN fails too
-                        raise Unavailable(f"wrong result: relative error {err:.2e} against float64")
+                    out_bytes = [n * elem] * (2 if backward else 1) + [4 * 8 * shape[-1]] * 8
+                    with kernel_options(fn), nan_poisoned(device, out_bytes, "compile" in name):
+                        errs = check(kind, fn, params, x0, dy0)
+                    row["rel_errs"] = errs
+                    row["rel_err"] = max(errs.values())
+                    bad = {k: v for k, v in errs.items() if not v <= tolerance(dtype, k)}  # NaN too
+                    if bad:
+                        raise Unavailable("wrong result against float64: " + ", ".join(
+                            f"{k} {v:.2e}" for k, v in bad.items()))
                     rotation = itertools.cycle(buffers)
                     if backward:
                         def call():
@@ -384,36 +518,79 @@ def bench_kernels(args, device):
                         def call():
                             with torch.no_grad():
                                 fn(next(rotation)[0])
-                    p20, ms, p80 = time_call(call, device)
+                    with kernel_options(fn):
+                        p20, ms, p80 = time_call(call, device)
+                        if cuda and not args.no_graphs:
+                            try:
+                                g20, gms, g80 = time_cuda_graph(call, len(buffers))
+                                row.update(graph_ms=gms, graph_ms_p20=g20, graph_ms_p80=g80,
+                                           graph_gbps=bandwidth_gbps(n_bytes, gms),
+                                           graph_pct_copy=100 * bandwidth_gbps(n_bytes, gms) / layer_copy)
+                            except Exception as e:  # capture can fail for some ops: say so
+                                row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                                torch.cuda.synchronize()
                     row.update(ms=ms, ms_p20=p20, ms_p80=p80, gbps=bandwidth_gbps(n_bytes, ms))
-                    row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+                    row["pct_copy"] = 100 * row["gbps"] / layer_copy
+                    row["pct_copy_1gib"] = 100 * row["gbps"] / copy_gbps
+                    row["copy_gbps_layer_size"] = layer_copy
                 except Unavailable as e:
                     row["skipped"] = str(e)
                 group.append(row)
             # speedups against PyTorch's own norms at the same shape, dtype and direction
-            base = {r["op"]: r.get("ms") for r in group}
+            key = "graph_ms" if all("graph_ms" in r for r in group if r["op"] in ("RMSNorm", "LayerNorm")) \
+                and cuda else "ms"
+            base = {r["op"]: r.get(key) for r in group}
             for r in group:
-                if "ms" in r:
-                    r["vs_rms"] = base["RMSNorm"] / r["ms"] if base.get("RMSNorm") else None
-                    r["vs_ln"] = base["LayerNorm"] / r["ms"] if base.get("LayerNorm") else None
+                if key in r:
+                    r["vs_rms"] = base["RMSNorm"] / r[key] if base.get("RMSNorm") else None
+                    r["vs_ln"] = base["LayerNorm"] / r[key] if base.get("LayerNorm") else None
                 print(format_kernel_row(r), flush=True)
             rows += group
             del buffers
-    return dict(copy_gbps=copy_gbps, notes=notes, rows=rows)
+    return dict(copy_gbps=copy_gbps, copy_gbps_layer_size={f"{n} x {e} B": v for (n, e), v in copy_at.items()},
+                notes=notes, rows=rows)
 
 
-KERNEL_HEADER = ("| set | shape | dtype | pass | op | median ms | p20-p80 ms | GB/s | % copy | vs RMSNorm | "
-                 "vs LayerNorm | rel. err |")
+def host_cost(timeout=120):
+    """kernel.host_cost_report() in a process of its own (it changes malloc settings process-wide
+    and needs the compiled, not interpreted, kernel module): host us per fused call, launches
+    stubbed. Returns the dict, or {"error": ...}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json, kernel; print('HOST_COST ' + json.dumps(kernel.host_cost_report()))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("HOST_COST "))
+        return json.loads(line[len("HOST_COST "):])
+    except Exception as e:  # report, don't fail the benchmark
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def host_cost_note(h):
+    if "error" in h:
+        return f"host cost of the fused kernel: not measured ({h['error']})"
+    return (f"host cost of one fused DyT call at {h['shape'][0]}x{h['shape'][1]} {h['dtype']}, Triton "
+            f"launches stubbed (kernel.host_cost_report, CPU malloc caching like CUDA's allocator): "
+            f"fwd+bwd {h['fwd_bwd_us']:.1f} us, fwd {h['fwd_us']:.1f} us, Derf fwd+bwd "
+            f"{h['derf_fwd_bwd_us']:.1f} us; an autograd.Function that only allocates the same "
+            f"tensors: {h['floor_fwd_bwd_us']:.1f} us. With plain malloc (an mmap per 32 MiB "
+            f"tensor): {h['plain_malloc_fwd_bwd_us']:.1f} us (floor {h['plain_malloc_floor_fwd_bwd_us']:.1f})")
+
+
+KERNEL_HEADER = ("| set | shape | dtype | pass | op | median ms | p20-p80 ms | graph ms | GB/s | % copy | "
+                 "graph % copy | vs RMSNorm | vs LayerNorm | rel. err |")
 
 
 def format_kernel_row(r):
     if "ms" not in r:
         return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
-                f"skipped: {r['skipped']} | | | | | | |")
+                f"skipped: {r['skipped']} | | | | | | | | |")
     ratio = lambda v: f"{v:.2f}x" if v else "-"
+    graph = f"{r['graph_ms']:.4f}" if "graph_ms" in r else ("failed" if "graph_error" in r else "-")
+    graph_pct = f"{r['graph_pct_copy']:.1f}%" if "graph_pct_copy" in r else "-"
     return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
-            f"{r['ms']:.4f} | {r['ms_p20']:.4f}-{r['ms_p80']:.4f} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | {ratio(r['vs_rms'])} | "
-            f"{ratio(r['vs_ln'])} | {r['rel_err']:.1e} |")
+            f"{r['ms']:.4f} | {r['ms_p20']:.4f}-{r['ms_p80']:.4f} | {graph} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | "
+            f"{graph_pct} | {ratio(r['vs_rms'])} | {ratio(r['vs_ln'])} | {r['rel_err']:.1e} |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,7 +931,14 @@ def parse_args(argv=None):
                         "numbers are in results/: pass --out results to replace them)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtypes", default="bf16,fp32", help="kernel level: comma list of bf16, fp32, fp16")
-    p.add_argument("--only", default="llama7b,vit_b,sweep", help="kernel level: comma list of llama7b, vit_b, sweep")
+    p.add_argument("--only", default=None, help="kernel level: comma list of llama7b, vit_b, sweep "
+                   "(default: llama7b,vit_b on a GPU, all three on a CPU)")
+    p.add_argument("--full", action="store_true", help="kernel level on a GPU: also 8x4096x4096, the "
+                   "channel sweep and ViT-B in fp32 (longer than the default's ~5 minutes)")
+    p.add_argument("--bwd-stages", default="", help="kernel level: also time the fused DyT with these "
+                   "backward pipelining depths, e.g. 1,3 (the default depth is kernel.BWD_STAGES)")
+    p.add_argument("--no-graphs", action="store_true", help="kernel level: skip the CUDA-graph timings")
+    p.add_argument("--no-host-cost", action="store_true", help="skip the host-cost measurement")
     p.add_argument("--vit-batch", type=int, default=128, help="ViT-B batch (kernel level and --memory)")
     p.add_argument("--gpt-batch", type=int, default=8, help="--memory: GPT sequences of 1024 tokens")
     p.add_argument("--preset", default=None, help="--model: GPT preset (default llama7b on a GPU, nano on a CPU)")
@@ -767,7 +951,17 @@ def parse_args(argv=None):
     p.add_argument("--model-dtype", default=None, help="--model: bf16 or fp32 (default bf16 on a GPU, fp32 on a CPU)")
     args = p.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.only_given = args.only is not None
+    if args.only is None:
+        gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+        args.only = "llama7b,vit_b" + ("" if gpu and not args.full else ",sweep")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    try:
+        args.bwd_stages = [int(v) for v in args.bwd_stages.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--bwd-stages {args.bwd_stages}: give integers, e.g. 1,3")
+    if any(v < 1 or v > 4 for v in args.bwd_stages):
+        p.error("--bwd-stages: each depth from 1 to 4")
     if not args.dtypes or any(d not in DTYPES for d in args.dtypes):
         p.error(f"--dtypes {','.join(args.dtypes)!s}: choose from {', '.join(DTYPES)}")
     if not args.only or any(s not in ("llama7b", "vit_b", "sweep") for s in args.only):
@@ -829,11 +1023,15 @@ def main(argv=None):
         header = MEMORY_HEADER
     else:
         result = bench_kernels(args, device)
+        if not args.no_host_cost:
+            result["host_cost"] = host_cost()
+            result["notes"].append(host_cost_note(result["host_cost"]))
+            print(host_cost_note(result["host_cost"]), flush=True)
         lines = [format_kernel_row(r) for r in result["rows"]]
         title = (f"DyT kernel-level benchmark on {'CPU' if tag == 'cpu' else env['device']}"
                  f" (copy bandwidth {result['copy_gbps']:.1f} GB/s)")
         # a partial run (--only) gets its own files, so that two halves run apart both survive
-        stem = f"bench_{tag}" if len(args.only) == 3 else f"bench_{tag}_{'_'.join(args.only)}"
+        stem = f"bench_{tag}" if not args.only_given else f"bench_{tag}_{'_'.join(args.only)}"
         paths = write_results(out, stem, env, result, KERNEL_HEADER, lines, title)
         header = KERNEL_HEADER
     print()

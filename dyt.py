@@ -12,7 +12,8 @@ This file holds
   - DyT itself (the plain PyTorch definition; on CUDA it calls the fused Triton kernel from
     kernel.py, which computes exactly the same function),
   - Derf: gamma * erf(alpha * x + s) + beta, with a learnable scalar shift s ("Stronger
-    Normalization-Free Transformers", Chen, Lu, Zhu, Sun, Liu, 2025),
+    Normalization-Free Transformers", Chen, Lu, Zhu, Sun, Liu, 2025); on CUDA it calls the
+    same fused kernel with erf in place of tanh,
   - DynamicSquash: the same layer with another squashing function or alpha shape, for the
     ablations of the DyT paper (Tables 8-9) and of the ViT study (Table 5, section 5),
   - make_norm(name, dim, alpha0): one factory for every layer, used by the models and by
@@ -96,6 +97,7 @@ class Derf(nn.Module):
         self.shift = nn.Parameter(torch.empty(1))
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+        self.use_kernel = True  # set False to force the plain PyTorch path (benchmarks, tests)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -106,6 +108,9 @@ class Derf(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
+        if self.use_kernel and self.channels_last and x.is_cuda and x.dtype in _KERNEL_DTYPES:
+            import kernel  # the same fused Triton kernel as DyT's, with erf and the shift
+            return kernel.derf(x, self.alpha, self.shift, self.weight, self.bias)
         return derf_reference(x, self.alpha, self.shift, self.weight, self.bias, self.channels_last)
 
     def extra_repr(self):
