@@ -252,7 +252,6 @@ class InMemoryImages:
     indexing and augmented on the device, whole-batch: a DataLoader would only add copies."""
 
     def __init__(self, images, labels, mean, std, device):
-        self.device = torch.device(device)
         self.images = torch.from_numpy(np.array(images)).to(device)  # a writable copy
         self.labels = torch.from_numpy(np.array(labels)).to(device)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -345,10 +344,10 @@ class ImageLoader:
     In-memory datasets are indexed and augmented by `augment(x, rng)` on [0, 1] images before
     normalising; folders are read by a DataLoader per epoch with per-image seeded transforms."""
 
-    def __init__(self, data, global_batch, micro_batch, accum, rank, seed, total_steps,
+    def __init__(self, data, global_batch, micro_batch, accum, rank, seed, total_steps, device,
                  augment=None, workers=0):
         self.data, self.global_batch, self.micro, self.accum = data, global_batch, micro_batch, accum
-        self.rank, self.seed, self.total_steps = rank, seed, total_steps
+        self.rank, self.seed, self.total_steps, self.device = rank, seed, total_steps, device
         self.augment, self.workers = augment, workers
         self.steps_per_epoch = len(data) // global_batch
         self._epoch, self._perm, self._folder_iter, self._next = None, None, None, None
@@ -371,10 +370,6 @@ class ImageLoader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield x, y, rng
 
-    @property
-    def device(self):
-        return getattr(self.data, "device", torch.device("cpu"))
-
     def _start_epoch(self, epoch, step_in_epoch):
         self._epoch = epoch
         if isinstance(self.data, InMemoryImages):
@@ -385,7 +380,7 @@ class ImageLoader:
                                     step_in_epoch, last, self.rank, self.accum, self.micro)
         self._folder_iter = iter(torch.utils.data.DataLoader(
             self.data, batch_sampler=sampler, num_workers=self.workers,
-            pin_memory=torch.cuda.is_available()))
+            pin_memory=self.device.type == "cuda"))
 
 
 def rank_shard(n, rank, world):

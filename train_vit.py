@@ -270,7 +270,7 @@ def train(argv=None):
     optimizer = tc.build_optimizer(raw, cfg, device)
     augment = lambda x, rng: augment_images(x, rng, cfg.crop_pad, cfg.hflip, cfg.randaug_n, cfg.randaug_m)
     loader = ImageLoader(train_set, cfg.batch_size, micro, accum, dist.rank, cfg.seed, steps,
-                         augment=augment, workers=cfg.workers)
+                         device, augment=augment, workers=cfg.workers)
     guard = tc.LossGuard(cfg.explode_factor)
     path = ckpt_path(cfg)
     start_step, last_ckpt = 0, None

@@ -1,6 +1,7 @@
 """data_vision.py: the IDX, CIFAR-pickle loaders on synthetic files (and the real
 Fashion-MNIST where installed); a corrupt or missing file is a DataError naming it; the
-evaluation shards cover every test image once."""
+training batches are the same for any world size and after a resume; the evaluation shards
+cover every test image once."""
 
 import gzip
 import os
@@ -10,9 +11,10 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
-from data_vision import (DataError, load_cifar, load_fashion_mnist, rank_shard, read_idx,
-                         IDX_IMAGES_MAGIC, FASHION_MNIST_SYSTEM_DIR)
+from data_vision import (DataError, ImageLoader, InMemoryImages, load_cifar, load_fashion_mnist,
+                         rank_shard, read_idx, IDX_IMAGES_MAGIC, FASHION_MNIST_SYSTEM_DIR)
 
 
 def write_idx(path, array, magic):
@@ -97,3 +99,40 @@ def test_real_fashion_mnist():
     assert sorted(np.unique(train_y)) == list(range(10)) and len(test_y) == 10000
     images = read_idx(os.path.join(FASHION_MNIST_SYSTEM_DIR, "t10k-images-idx3-ubyte.gz"), IDX_IMAGES_MAGIC)
     assert images.dtype == np.uint8 and images.max() == 255
+
+
+class SeededToyFolder(torch.utils.data.Dataset):
+    """Stands in for SeededImageFolder: items are (index, seed) pairs from MicroBatchSampler."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, item):
+        index, seed = item
+        return torch.tensor([float(index), float(seed % 997)]), index
+
+
+@pytest.mark.parametrize("kind", ["memory", "folder"])
+def test_image_loader_same_batches_for_any_world_size_and_after_resume(kind):
+    cpu = torch.device("cpu")
+    if kind == "memory":
+        images, _ = synthetic_images(20, seed=0)  # labelled by index, to count draws below
+        data = InMemoryImages(images[:, None], np.arange(20), (0.5,), (0.25,), cpu)
+    else:
+        data = SeededToyFolder()
+
+    def loader(accum, rank):  # global batch 8 = (world x accum) micro-batches of 2; 2 steps/epoch
+        return ImageLoader(data, 8, 2, accum, rank, 1, 5, cpu,
+                           augment=lambda x, rng: x + float(rng.random()))
+
+    def step_batches(loaders, step):
+        return [(x.tolist(), y.tolist(), rng.random()) for l in loaders for x, y, rng in l.next_step(step)]
+    one, two = loader(4, 0), [loader(2, 0), loader(2, 1)]
+    seen = []
+    for step in range(5):  # across three epochs
+        a = step_batches([one], step)
+        assert a == step_batches(two, step)
+        seen.append(a)
+    assert step_batches([loader(4, 0)], 3) == seen[3]  # a fresh loader: a resumed run
+    epoch0 = sorted(y for s in seen[:2] for _, ys, _ in s for y in ys)
+    assert len(set(epoch0)) == 16  # an epoch draws without replacement
