@@ -89,7 +89,8 @@ def run_name(path):
 
 
 def vit_test_set(state, data_dir="", device="cpu"):
-    """The test split the ViT was evaluated on (train_vit.InMemoryImages)."""
+    """The test split the ViT was evaluated on (data_vision.InMemoryImages)."""
+    import data_vision
     import train_vit
     saved = state.get("config") or {}
     known = {f.name for f in fields(train_vit.ViTTrainConfig)}
@@ -98,7 +99,7 @@ def vit_test_set(state, data_dir="", device="cpu"):
         cfg.data_dir = data_dir
     cfg.download = False  # analyses never download
     _, test, _, _ = train_vit.load_data(cfg, torch.device(device))
-    if not isinstance(test, train_vit.InMemoryImages):
+    if not isinstance(test, data_vision.InMemoryImages):
         raise AnalysisError(f"{cfg.dataset}: the analyses read the small in-memory datasets "
                             "(Fashion-MNIST, CIFAR) only")
     return test

@@ -61,7 +61,8 @@ part bench_kernel "$B_KERNEL" $PY bench.py --out "$OUT" --bwd-stages 1,3
 part bench_model "$B_MODEL" $PY bench.py --model --out "$OUT" --passes 20 --warmup 2
 part bench_memory "$B_MEMORY" $PY bench.py --memory --out "$OUT"
 
-# 4. a few steps of each trainer on the GPU: bf16, torch.compile, FSDP2 at world size 1
+# 4. a few steps of each trainer on the GPU: bf16, torch.compile; the GPT also under FSDP2 at
+# world size 1 (train_vit.py has no FSDP: ViTs up to L train with DDP, and it refuses --fsdp)
 part train_gpt "$B_GPT" $PY train_gpt.py --norm dyt --dtype bf16 --compile --fsdp --max_steps 20 \
   --eval_interval 10 --log_interval 5 --out_dir "$OUT/gpt_dyt"
 # no network there: a tiny random Fashion-MNIST-format set (the trainer's own IDX reader)
@@ -75,7 +76,7 @@ for stem, n in (("train", 2048), ("t10k", 512)):
     with gzip.open(os.path.join(d, f"{stem}-labels-idx1-ubyte.gz"), "wb") as f:
         f.write(struct.pack(">II", 0x801, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
 EOF
-part train_vit "$B_VIT" $PY train_vit.py --norm dyt --dtype bf16 --compile --fsdp --max_steps 20 \
+part train_vit "$B_VIT" $PY train_vit.py --norm dyt --dtype bf16 --compile --max_steps 20 \
   --eval_interval 10 --log_interval 5 --data_dir "$OUT/fmnist" --out_dir "$OUT/vit_dyt"
 
 # 5. the summary

@@ -16,7 +16,7 @@ import analyze  # noqa: E402
 import train_common as tc  # noqa: E402
 import train_gpt  # noqa: E402
 import train_vit  # noqa: E402
-from test_train_vit import synthetic_images, write_idx  # noqa: E402
+from test_data_vision import synthetic_images, write_idx  # noqa: E402
 
 torch.set_num_threads(2)
 HAVE_MPL = analyze.pyplot() is not None

@@ -199,3 +199,66 @@ def test_meta_model_materialises_with_init_weights():
     assert model.rope_cos.shape == (16, 4)
     logits, loss = model(torch.randint(0, 40, (1, 16)), torch.randint(0, 40, (1, 16)))
     assert torch.isfinite(loss) and abs(loss.item() - math.log(40)) < 1.0
+
+
+def test_rope_rotates_interleaved_pairs():
+    # the layout the checkpoints and the Hugging Face mapping below rely on: channels 2i and
+    # 2i+1 are one pair, rotated by position * theta^(-2i/D)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 8, dtype=torch.float64).float()
+    cos, sin = rope_tables(8, 10, 10000.0)
+    got = apply_rope(x, cos, sin)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    want = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+    # gradients flow through the complex view
+    xg = x.clone().requires_grad_()
+    apply_rope(xg, cos, sin).pow(2).sum().backward()
+    torch.testing.assert_close(xg.grad, 2 * x, rtol=1e-5, atol=1e-5)  # a rotation keeps |x|^2
+
+
+def hf_llama_from(model):
+    """A transformers LlamaForCausalLM with `model`'s weights (RMSNorm GPT). Hugging Face's
+    rotary pairs channel i with i + D/2 where this model pairs 2i with 2i+1, so wq and wk
+    rows are permuted per head as in transformers' convert_llama_weights_to_hf.py."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = model.cfg
+    head_dim = c.dim // c.n_head
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden(),
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head, max_position_embeddings=c.block_size,
+        rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
+        attn_implementation="eager")).eval()
+
+    def to_half_split(w, heads):  # rows (h, i, pair) -> (h, pair, i)
+        return w.view(heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+    state = {"model.embed_tokens.weight": model.tok_emb.weight, "lm_head.weight": model.head.weight,
+             "model.norm.weight": model.norm.weight}
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        state.update({
+            p + "self_attn.q_proj.weight": to_half_split(b.attn.wq.weight, c.n_head),
+            p + "self_attn.k_proj.weight": to_half_split(b.attn.wk.weight, c.n_kv_head),
+            p + "self_attn.v_proj.weight": b.attn.wv.weight, p + "self_attn.o_proj.weight": b.attn.wo.weight,
+            p + "mlp.gate_proj.weight": b.mlp.w1.weight, p + "mlp.up_proj.weight": b.mlp.w3.weight,
+            p + "mlp.down_proj.weight": b.mlp.w2.weight,
+            p + "input_layernorm.weight": b.attn_norm.weight,
+            p + "post_attention_layernorm.weight": b.mlp_norm.weight})
+    missing, unexpected = hf.load_state_dict({k: v.detach() for k, v in state.items()}, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def test_gpt_logits_equal_hf_llama():
+    pytest.importorskip("transformers")
+    model = small_gpt(norm="rms", n_head=4, n_kv_head=2, block_size=32)
+    with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    hf = hf_llama_from(model)
+    idx = torch.randint(0, 50, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)

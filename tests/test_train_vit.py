@@ -3,15 +3,12 @@
 The synthetic images are easy to learn (each class is a grey level, plus noise), so a few
 dozen steps of a 2-block ViT show the loss falling."""
 
-import gzip
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
-import tarfile
 
 import numpy as np
 import pytest
@@ -19,10 +16,10 @@ import torch
 
 import train_common as tc
 import train_vit
+from data_vision import FASHION_MNIST_SYSTEM_DIR
 from dyt import Derf
 from model import ViT
-from train_vit import (DataError, load_cifar, load_fashion_mnist, mixup_cutmix, smooth_one_hot, rank_shard,
-                       read_idx, IDX_IMAGES_MAGIC, FASHION_MNIST_SYSTEM_DIR)
+from test_data_vision import synthetic_images, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -32,21 +29,6 @@ TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--batch_size", "16", "--
 # Every random part of the recipe on, so that the equality tests cover them.
 AUGMENT = ["--randaug_n", "2", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
            "--drop_path", "0.1", "--ema_decay", "0.9"]
-
-
-def write_idx(path, array, magic):
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
-        f.write(data)
-
-
-def synthetic_images(n, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    # class c: grey level 25c + 10 with noise, visible in every patch (learnt in a few steps)
-    images = 25 * labels[:, None, None] + rng.integers(0, 20, (n, 28, 28))
-    return images, labels
 
 
 @pytest.fixture(scope="module")
@@ -139,25 +121,6 @@ def test_resume_continues_exactly(idx_dir, tmp_path, reference):
     assert final_eval(tmp_path)["ema_loss"] == final_eval(ref_dir)["ema_loss"]
 
 
-def test_mixup_cutmix_targets_sum_to_one():
-    rng = np.random.default_rng(0)
-    x = torch.randn(8, 3, 16, 16)
-    targets = smooth_one_hot(torch.arange(8) % 5, 5, 0.1)
-    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
-        for _ in range(10):
-            mixed, t = mixup_cutmix(x, targets, rng, mixup, cutmix)
-            assert mixed.shape == x.shape
-            torch.testing.assert_close(t.sum(1), torch.ones(8))
-            assert (t >= 0).all()
-
-
-def test_rank_shards_cover_every_item_once():
-    for n, world in ((63, 2), (10, 3), (2, 4), (10000, 8)):
-        shards = [rank_shard(n, r, world) for r in range(world)]
-        assert sum(e - s for s, e in shards) == n
-        assert all(shards[i][1] == shards[i + 1][0] for i in range(world - 1))
-
-
 def test_missing_and_corrupt_data(idx_dir, tmp_path):
     # missing: one line from the shell, naming both fixes
     p = shell("--data_dir", str(tmp_path / "nowhere"))
@@ -165,25 +128,10 @@ def test_missing_and_corrupt_data(idx_dir, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     assert "apt-get install dataset-fashion-mnist" in lines[0] and "--data_dir" in lines[0]
-    # corrupt: bad magic, truncated gzip, wrong size, labels/images count mismatch
+    # corrupt (the loaders' checks are in test_data_vision.py): still one line
     bad = tmp_path / "bad"
     shutil.copytree(idx_dir, bad)
-    images = bad / "train-images-idx3-ubyte.gz"
-    good = images.read_bytes()
-    images.write_bytes(good[: len(good) // 2])
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
-        load_fashion_mnist(str(bad))
-    write_idx(str(images), np.zeros((5, 28, 28)), 0x801)  # a labels magic on an images file
-    with pytest.raises(DataError, match="bad magic"):
-        load_fashion_mnist(str(bad))
-    with gzip.open(images, "wb") as f:  # a header promising more than the file has
-        f.write((0x803).to_bytes(4, "big") + (400).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
-                + bytes(100))
-    with pytest.raises(DataError, match="truncated or corrupt"):
-        load_fashion_mnist(str(bad))
-    write_idx(str(images), np.zeros((399, 28, 28)), 0x803)
-    with pytest.raises(DataError, match="399 images"):
-        load_fashion_mnist(str(bad))
+    write_idx(str(bad / "train-images-idx3-ubyte.gz"), np.zeros((399, 28, 28)), 0x803)
     p = shell("--data_dir", str(bad))
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "train-labels-idx1-ubyte" in p.stderr or "train-images" in p.stderr
@@ -193,24 +141,19 @@ def test_missing_and_corrupt_data(idx_dir, tmp_path):
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
 
 
-def test_cifar_pickles_from_folder_and_archive(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (7, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, 7))}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    train_x, train_y, test_x, test_y = load_cifar(str(tmp_path), 10)
-    assert train_x.shape == (35, 3, 32, 32) and test_x.shape == (7, 3, 32, 32)
-    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
-        tar.add(folder, arcname="cifar-10-batches-py")
-    shutil.rmtree(folder)
-    from_archive = load_cifar(str(tmp_path / "cifar-10-python.tar.gz"), 10)
-    np.testing.assert_array_equal(from_archive[0], train_x)
-    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar")
-    with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
-        load_cifar(str(tmp_path), 10)
+def test_short_run_clips_its_warmup_and_reaches_the_peak_lr(idx_dir, tmp_path, capsys):
+    # 400 images / 16 = 25 steps per epoch: 0.4 epochs is 10 steps, shorter than the default
+    # 0.5-epoch (12-step) warmup, which would never reach the peak lr
+    no_warmup_flag = [a for i, a in enumerate(TINY) if "--warmup_steps" not in TINY[i - 1:i + 1]]
+    train_vit.main(no_warmup_flag + ["--data_dir", str(idx_dir), "--out_dir", str(tmp_path),
+                                     "--epochs", "0.4", "--warmup_epochs", "0.5"])
+    assert "clipped to 5 steps" in capsys.readouterr().out
+    lrs = [r["lr"] for r in rows(tmp_path) if "lr" in r]
+    assert len(lrs) == 10 and max(lrs) == pytest.approx(3e-3)
+    # a warmup within half the run is left as given
+    cfg, _, given = train_vit.tc.parse_config(train_vit.ViTTrainConfig, train_vit.PRESETS,
+                                              ["--epochs", "1", "--warmup_epochs", "0.5"])
+    assert train_vit.derive_steps(cfg, 468, given) == (468, 234, None)
 
 
 def test_norm_flags_reach_the_vit(tmp_path):
@@ -240,12 +183,7 @@ def test_presets_follow_the_papers():
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR), reason="dataset-fashion-mnist not installed")
-def test_real_fashion_mnist(tmp_path):
-    train_x, train_y, test_x, test_y = load_fashion_mnist("", download=False)
-    assert train_x.shape == (60000, 1, 28, 28) and test_x.shape == (10000, 1, 28, 28)
-    assert sorted(np.unique(train_y)) == list(range(10)) and len(test_y) == 10000
-    images = read_idx(os.path.join(FASHION_MNIST_SYSTEM_DIR, "t10k-images-idx3-ubyte.gz"), IDX_IMAGES_MAGIC)
-    assert images.dtype == np.uint8 and images.max() == 255
+def test_real_fashion_mnist_short_run(tmp_path):
     # the default path end to end, cut short: 30 steps already beat chance (0.1)
     train_vit.main(["--dim", "32", "--depth", "2", "--heads", "2", "--max_steps", "30",
                     "--warmup_steps", "3", "--eval_batch", "1000", "--out_dir", str(tmp_path)])
