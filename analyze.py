@@ -8,7 +8,7 @@ a picture each (PNG; matplotlib is optional: without it the tables are still wri
     python analyze.py alpha0          --model vit --alpha0 0.1,0.5,1,2,4
     python analyze.py alpha0          --model gpt --alpha0_attn 0.5,1,2 --alpha0_other 0.5,1,2
     python analyze.py norms           --widths 64,128 --norms rms,dyt,derf   # ours: best lr each
-    python analyze.py saturation      --norms dyt@1,dyt,rms                  # ours: the stall
+    python analyze.py saturation      --norms dyt@g1,dyt,rms                 # ours: the stall
     python analyze.py robustness      --ckpt out/vit_ln --ckpt out/vit_dyt   # ViT study sec. 6
     python analyze.py representations --ckpt out/vit_ln --ckpt out/vit_dyt   # secs. 7-8
 
@@ -691,15 +691,19 @@ def cmd_alpha0(args):
 
 
 def norm_spec(text):
-    """'dyt' -> ('dyt', []); 'dyt@1' -> ('dyt', ['--dyt_gamma0', '1']): a norm and its gamma0."""
-    name, _, gamma0 = text.partition("@")
+    """A norm and its init: 'dyt' -> ('dyt', []) (the default); 'dyt@2' -> ('dyt',
+    ['--norm_out_rms', '2']) (output RMS 2 at init: DyT's gamma set for it, or a norm's
+    weight); 'dyt@g1' -> ('dyt', ['--dyt_gamma0', '1']) (gamma 1, the papers')."""
+    name, _, init = text.partition("@")
     from dyt import NORMS
     if name not in NORMS:
         raise AnalysisError(f"unknown norm {name!r} in {text!r}; choose from {', '.join(NORMS)}")
-    if not gamma0:
+    if not init:
         return name, []
-    floats(gamma0, f"the gamma0 of {text!r}")
-    return name, ["--dyt_gamma0", gamma0]
+    flag = "--dyt_gamma0" if init.startswith("g") else "--norm_out_rms"
+    value = init[1:] if init.startswith("g") else init
+    floats(value, f"the init of {text!r} (NAME@R: output RMS R at init; NAME@gG: gamma0 G)")
+    return name, [flag, value]
 
 
 def width_flags(width):
@@ -717,7 +721,7 @@ def gpt_run(args, width, spec, lr, seed):
             ["--lr", f"{lr:g}", "--seed", str(seed), "--sample_tokens", "0", "--ckpt_interval", "0",
              "--device", "cpu"] + (["--max_steps", str(args.steps)] if args.steps else []) +
             shlex.split(args.train_args))
-    tag = f"w{width}_{spec.replace('@', '_g')}_lr{lr:g}_s{seed}{'_' + str(args.steps) if args.steps else ''}"
+    tag = f"w{width}_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}{'_' + str(args.steps) if args.steps else ''}"
     print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}", flush=True)
     result = train_one(train_gpt, argv, os.path.join(args.out_dir, tag), args.reuse)
     loss = result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
@@ -745,7 +749,16 @@ def cmd_norms(args):
             for lr in lrs:
                 sweep[lr], result = gpt_run(args, width, spec, lr, seeds[0])
                 runs.append({"width": width, "norm": spec, "lr": lr, "seed": seeds[0], **result})
-            best_lr = min(lrs, key=lambda lr: sweep[lr])
+            # A best lr at the edge of the sweep is not known to be the best: extend the sweep
+            # by factors of 2 past that edge until it is inside (at most --extend more runs).
+            for _ in range(args.extend):
+                best_lr = min(sweep, key=lambda lr: sweep[lr])
+                if min(sweep) < best_lr < max(sweep) or len(sweep) < 2:
+                    break
+                lr = best_lr * 2 if best_lr == max(sweep) else best_lr / 2
+                sweep[lr], result = gpt_run(args, width, spec, lr, seeds[0])
+                runs.append({"width": width, "norm": spec, "lr": lr, "seed": seeds[0], **result})
+            best_lr = min(sweep, key=lambda lr: sweep[lr])
             losses = [sweep[best_lr]]
             for seed in seeds[1:]:
                 loss, result = gpt_run(args, width, spec, best_lr, seed)
@@ -753,7 +766,8 @@ def cmd_norms(args):
                 losses.append(loss)
             ok = [l for l in losses if math.isfinite(l)]
             row = {"width": width, "norm": spec, "best_lr": best_lr,
-                   **{f"lr {lr:g} (seed {seeds[0]})": round(sweep[lr], 4) for lr in lrs},
+                   "swept (lr: val loss at seed %d)" % seeds[0]:
+                       " ".join(f"{lr:g}:{sweep[lr]:.4f}" for lr in sorted(sweep)),
                    "seeds": len(losses), "diverged": len(losses) - len(ok),
                    "val_loss_mean": round(float(np.mean(ok)), 4) if ok else float("nan"),
                    "val_loss_std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else 0.0}
@@ -765,7 +779,7 @@ def cmd_norms(args):
     write_table(rows, args.results, name,
                 f"GPT val loss (nats, mean and sample std over seeds {args.seeds}) per width and "
                 f"norm, each at its own best lr from the sweep {args.lrs} at seed {seeds[0]}; "
-                f"{budget} {args.train_args}; norm@g means --dyt_gamma0 g")
+                f"{budget} {args.train_args}; NAME@R means --norm_out_rms R, NAME@gG --dyt_gamma0 G")
     plt = pyplot()
     if plt is not None and len(widths) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -815,7 +829,7 @@ def cmd_saturation(args):
     rows, curves = [], {}
     for spec in specs:
         name, gamma_flags = norm_spec(spec)
-        out = os.path.join(args.out_dir, f"saturation_{spec.replace('@', '_g')}_s{args.seed}")
+        out = os.path.join(args.out_dir, f"saturation_{spec.replace('@', '_at')}_s{args.seed}")
         for stale in ("metrics.jsonl", "ckpt.pt"):
             if os.path.exists(os.path.join(out, stale)):
                 os.remove(os.path.join(out, stale))
@@ -1147,13 +1161,17 @@ def build_parser():
     p = common(sub.add_parser("norms", help="GPT: each norm at its own best lr, per width, seeds"))
     sweep(p)
     p.add_argument("--widths", default="128", help="model widths (multiples of 32)")
-    p.add_argument("--norms", default="rms,dyt,derf", help="norm names; NAME@G sets --dyt_gamma0 G")
+    p.add_argument("--norms", default="rms,dyt,derf", help="norm names; NAME@R: --norm_out_rms R; "
+                   "NAME@gG: --dyt_gamma0 G")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the lr sweep (at the first seed)")
     p.add_argument("--seeds", default="0,1,2", help="the first sweeps the lr; all run the best lr")
+    p.add_argument("--extend", type=int, default=2,
+                   help="runs allowed past an edge of the lr sweep when the best lr is there")
 
     p = common(sub.add_parser("saturation", help="GPT: residual RMS and saturated DyT inputs over training"))
     sweep(p)
-    p.add_argument("--norms", default="dyt@1,dyt,rms", help="norm names; NAME@G sets --dyt_gamma0 G")
+    p.add_argument("--norms", default="dyt@g1,dyt,rms", help="norm names; NAME@R: --norm_out_rms R; "
+                   "NAME@gG: --dyt_gamma0 G")
     p.add_argument("--at", default="1,10,25,50,100,150,300,450", help="steps to measure at")
     p.add_argument("--n", type=int, default=32, help="validation windows")
 

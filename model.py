@@ -17,6 +17,8 @@ and prints its shape and parameter count.
 import math
 from dataclasses import dataclass, asdict
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -215,19 +217,37 @@ def alpha0_for_width(dim):
     return a_lo + t * (a_hi - a_lo), o_lo + t * (o_hi - o_lo)
 
 
-def gamma0_for_width(dim):
-    """DyT/Derf gamma init for a GPT of width `dim`: sqrt(dim) below 1024, 1 from 1024 up.
+# The output RMS at init of every DyT-like layer in a GPT narrower than the papers' models:
+# this project's rule, not the papers' (both initialise gamma to 1). See dyt_out_rms_at_gamma1.
+DYT_OUT_RMS0 = 2.5
 
-    This project's finding, not the papers' (both papers initialise gamma to 1; measured in
-    README "DyT and Derf on the small GPT"). DyT's output is bounded by +-gamma. Below the
-    paper's widths, gamma 1 is too low a ceiling: the loss wants larger norm outputs than an
-    unsaturated tanh gives, and since DyT is not scale-invariant the cheapest way there is
-    to grow one token-independent residual vector until every tanh saturates; the logits then
-    stop depending on the input (the unigram loss) and tanh' ~ 0 blocks the gradient.
-    gamma0 = sqrt(dim) lifts the ceiling. From 1024 on (the paper's width table, where its
-    runs trained with gamma 1) the paper's init is kept.
+
+def dyt_out_rms_at_gamma1(norm, alpha0, input_rms):
+    """RMS of a DyT-like layer's output with gamma 1 and beta 0 (its squash f alone) for
+    inputs ~ N(0, input_rms^2): sqrt(E[f(alpha0 x)^2]), by 64-point Gauss-Hermite quadrature.
+
+    Why a GPT's DyT gamma is set from this (this project's finding, measured in README "DyT
+    and Derf on the small GPT"). DyT(x) = gamma tanh(alpha x) is not scale-invariant: at init
+    its output RMS is gamma * rms(tanh(alpha0 x0)), with x0 the scaled embedding (RMS
+    init_std * sqrt(dim): 0.23 at width 128). With the papers' gamma 1 that is ~0.2, five times
+    below RMSNorm's 1, and the ceiling +-1 is lower than the outputs the loss asks for; a
+    short run reaches them the cheapest way, by growing one token-independent residual vector
+    until every tanh saturates (the unigram loss; tanh' ~ 0 blocks the gradient). Too large an
+    output at init fails too: the attention and SwiGLU inputs are too big and the first
+    steps blow the residual up (width 384 with gamma sqrt(dim): init output RMS 6.8, stuck).
+    So gamma0 is chosen to give every DyT-like layer the same output RMS at init,
+    DYT_OUT_RMS0 = 2.5, at any width and alpha0: gamma0 = 2.5 / dyt_out_rms_at_gamma1(...).
+    The sweep of README "DyT and Derf on the small GPT" found 2-3 equally good at widths 64-384
+    (150-step pilots) and 1 clearly worse; RMSNorm too gains from a gain init of 2.5 here,
+    which that table shows beside the defaults.
     """
-    return math.sqrt(dim) if dim < 1024 else 1.0
+    nodes, weights = np.polynomial.hermite_e.hermegauss(64)  # for the weight exp(-x^2 / 2)
+    weights = weights / weights.sum()
+    with torch.device("cpu"):  # a tiny probe layer, also when the model is built on meta
+        layer = make_norm(norm, 1, alpha0, bias=False, gamma0=1.0)
+        with torch.no_grad():
+            y = layer(torch.tensor(nodes * input_rms, dtype=torch.float64).unsqueeze(-1))
+    return float(np.sqrt(weights @ y.squeeze(-1).numpy() ** 2))
 
 
 @dataclass
@@ -244,7 +264,10 @@ class GPTConfig:
     alpha0_attn: float = 0.0    # DyT alpha0 before attention; 0: from alpha0_for_width(dim)
     alpha0_other: float = 0.0   # before the MLP; 0: from the width table
     alpha0_final: float = 0.0   # the final DyT before the head; 0: alpha0_other (paper's rule)
-    dyt_gamma0: float = 0.0     # DyT/Derf gamma init; 0: gamma0_for_width(dim)
+    dyt_gamma0: float = 0.0     # DyT/Derf gamma init, every layer; 0: from norm_out_rms
+    norm_out_rms: float = 0.0   # each norm layer's output RMS at init; 0: DYT_OUT_RMS0 for DyT-
+                                # like layers below width 1024 (gamma 1, the papers', from 1024
+                                # up), 1 for RMSNorm/LayerNorm (their weight init, standard)
     dyt_bias: bool = False      # the official LLaMA DyT has no beta
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -261,8 +284,19 @@ class GPTConfig:
         other = self.alpha0_other or table_other
         return self.alpha0_attn or table_attn, other, self.alpha0_final or other
 
-    def gamma0(self):
-        return self.dyt_gamma0 or gamma0_for_width(self.dim)
+    def gamma0(self, alpha0):
+        """gamma init of a DyT-like layer whose alpha starts at alpha0."""
+        if self.dyt_gamma0:
+            return self.dyt_gamma0
+        out_rms = self.norm_out_rms or (DYT_OUT_RMS0 if self.dim < 1024 else 0.0)
+        if not out_rms:
+            return 1.0
+        # the input at init: the embedding (std init_std) times its scale sqrt(dim)
+        return out_rms / dyt_out_rms_at_gamma1(self.norm, alpha0, self.init_std * math.sqrt(self.dim))
+
+    def gamma0s(self):
+        """(attention, other, final) gamma init of DyT-like layers."""
+        return tuple(self.gamma0(a) for a in self.alpha0s())
 
 
 GPT_PRESETS = {
@@ -350,8 +384,9 @@ class GPTBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         alpha_attn, alpha_other, _ = cfg.alpha0s()
+        dynamic = cfg.norm not in ("ln", "rms", "identity")
         norm = lambda a0: make_norm(cfg.norm, cfg.dim, a0, bias=cfg.dyt_bias, eps=cfg.norm_eps,
-                                    gamma0=cfg.gamma0())
+                                    gamma0=cfg.gamma0(a0) if dynamic else 1.0)
         self.attn_norm = norm(alpha_attn)
         self.attn = GPTAttention(cfg)
         self.mlp_norm = norm(alpha_other)
@@ -378,8 +413,9 @@ class GPT(nn.Module):
         dynamic = cfg.norm not in ("ln", "rms")
         self.emb_scale = nn.Parameter(torch.empty(1)) if dynamic else None
         self.blocks = nn.ModuleList([GPTBlock(cfg) for _ in range(cfg.n_layer)])
-        self.norm = make_norm(cfg.norm, cfg.dim, cfg.alpha0s()[2], bias=cfg.dyt_bias,
-                              eps=cfg.norm_eps, gamma0=cfg.gamma0())
+        alpha_final = cfg.alpha0s()[2]
+        self.norm = make_norm(cfg.norm, cfg.dim, alpha_final, bias=cfg.dyt_bias, eps=cfg.norm_eps,
+                              gamma0=cfg.gamma0(alpha_final) if dynamic else 1.0)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Rotary tables: buffers, so they follow .to(device); not saved in checkpoints.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -396,7 +432,8 @@ class GPT(nn.Module):
         normal(0, init_std) for the embedding and every linear layer, with the two matrices
         that write into the residual stream (attention wo, MLP w2) scaled by 1/sqrt(2*n_layer)
         so that the residual's variance does not grow with depth; norms and DyT at their own
-        init (gamma 1, beta 0, alpha alpha0); the embedding scale at sqrt(dim).
+        init (beta 0, alpha alpha0, gamma cfg.gamma0(alpha0); a norm's weight 1 or
+        cfg.norm_out_rms); the embedding scale at sqrt(dim).
         """
         cfg = self.cfg
         std = cfg.init_std
@@ -412,6 +449,8 @@ class GPT(nn.Module):
         for m in self.modules():
             if m is not self and not isinstance(m, (nn.Linear, nn.Embedding)) and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+            if isinstance(m, (nn.RMSNorm, nn.LayerNorm)) and cfg.norm_out_rms:
+                nn.init.constant_(m.weight, cfg.norm_out_rms)  # a norm's output RMS is its gain
         cos, sin = rope_tables(cfg.dim // cfg.n_head, cfg.block_size, cfg.rope_theta,
                                device=self.head.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
@@ -495,7 +534,8 @@ if __name__ == "__main__":
         shown = {k: v for k, v in shown.items() if not k.startswith(("alpha0", "dyt_gamma0"))}
     print(f"{args.preset}: {shown}")
     if isinstance(model, GPT):
-        alpha = (f"alpha0 (attention, other, final): {cfg.alpha0s()}; gamma0 {cfg.gamma0():.3g}; "
+        gammas = ", ".join(f"{g:.3g}" for g in cfg.gamma0s())
+        alpha = (f"alpha0 (attention, other, final): {cfg.alpha0s()}; gamma0 ({gammas}); "
                  if uses_alpha else "")
         print(f"{alpha}SwiGLU hidden: {cfg.ffn_hidden()}")
     print(f"parameters: {num_params(model):,}")

@@ -15,9 +15,10 @@ Shared machinery (CLI, distributed, FSDP2, checkpoints, logging) lives in train_
 
 DyT and Derf at small width (this project's finding, not the papers'): with the papers' gamma
 init of 1 the default run stalls at the unigram loss (DyT's +-gamma ceiling makes the model grow
-one token-independent residual vector until every tanh saturates); gamma initialised to
-sqrt(dim) (model.gamma0_for_width, the default below width 1024) trains. The measured table
-(each norm at its own best lr, 3 seeds) is in README.md, "DyT and Derf on the small GPT".
+one token-independent residual vector until every tanh saturates). Below width 1024 gamma is
+initialised so that every DyT-like layer's output RMS at init is 2.5 (model.DYT_OUT_RMS0;
+--norm_out_rms, or --dyt_gamma0 for a fixed gamma). The measured table (each norm at its own
+best lr, 3 seeds, widths 64-384) is in README.md, "DyT and Derf on the small GPT".
 """
 
 import contextlib
@@ -55,8 +56,12 @@ class GPTTrainConfig(tc.TrainConfig):
     alpha0_other: float = field(default=0.0, metadata={"help": "alpha0 of the DyT before the MLP; 0: by width"})
     alpha0_final: float = field(default=None, metadata={"help": "alpha0 of the final DyT (before the head); "
                                                        "default: --alpha0_other's"})
-    dyt_gamma0: float = field(default=None, metadata={"help": "DyT/Derf gamma init; default: sqrt(dim) "
-                                                     "below width 1024, 1 (the papers') from 1024 up"})
+    dyt_gamma0: float = field(default=None, metadata={"help": "DyT/Derf gamma init, every layer; "
+                                                     "default: from --norm_out_rms"})
+    norm_out_rms: float = field(default=None, metadata={"help": "each norm layer's output RMS at init "
+                                "(DyT/Derf: gamma set to give it; RMSNorm/LN: their weight); default: "
+                                "2.5 for DyT-like layers below width 1024, gamma 1 (the papers') from "
+                                "1024 up, 1 for RMSNorm/LN"})
     dyt_bias: bool = False
     init_std: float = 0.02
     # data and batch
@@ -144,7 +149,7 @@ def check_flags(cfg):
                  "sample_tokens", "top_k"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("alpha0_attn", "alpha0_other", "alpha0_final", "dyt_gamma0"):
+    for name in ("alpha0_attn", "alpha0_other", "alpha0_final", "dyt_gamma0", "norm_out_rms"):
         value = getattr(cfg, name)
         zero_ok = name in ("alpha0_attn", "alpha0_other")  # their 0 means "by width"
         if value is not None and (value < 0 or (value == 0 and not zero_ok)):
@@ -162,7 +167,7 @@ def model_config(cfg, data_vocab):
                      ffn_dim=cfg.ffn_dim, rope_theta=cfg.rope_theta, norm=cfg.norm,
                      alpha0_attn=cfg.alpha0_attn, alpha0_other=cfg.alpha0_other,
                      alpha0_final=cfg.alpha0_final or 0.0, dyt_gamma0=cfg.dyt_gamma0 or 0.0,
-                     dyt_bias=cfg.dyt_bias, init_std=cfg.init_std)
+                     norm_out_rms=cfg.norm_out_rms or 0.0, dyt_bias=cfg.dyt_bias, init_std=cfg.init_std)
 
 
 def build_model(mcfg):
@@ -325,9 +330,9 @@ def train(argv=None):
                           cfg.run_name, resume_step=start_step if cfg.resume else None)
     flops_tok = raw.flops_per_token(cfg.seq_len)
     if dist.is_main:
-        alpha0 = ("" if cfg.norm in ("rms", "ln") else
-                  f", alpha0 {tuple(round(a, 3) for a in mcfg.alpha0s())} (attn, other, final), "
-                  f"gamma0 {mcfg.gamma0():.3g}")
+        alpha0 = (f", norm weight init {mcfg.norm_out_rms or 1:g}" if cfg.norm in ("rms", "ln") else
+                  f", alpha0 {tuple(round(a, 3) for a in mcfg.alpha0s())} (attn, other, final)"
+                  f", gamma0 ({', '.join(f'{g:.3g}' for g in mcfg.gamma0s())})")
         print(f"{cfg.norm}: {num_params(raw):,} parameters, {mcfg.n_layer} layers x {mcfg.dim}, "
               f"vocab {mcfg.vocab_size}{alpha0}")
         print(f"data {data_dir} ({train_set.encoding}, {train_set.n_tokens:,} train tokens); "

@@ -1,3 +1,4 @@
+import math
 """analyze.py on CPU: the measures on data with known answers, hooks that leave no trace, and
 every subcommand end to end on tiny checkpoints (2-block ViTs on synthetic Fashion-MNIST-format
 IDX files, a 1-layer GPT on the built-in corpus), a few training steps each."""
@@ -195,33 +196,59 @@ def test_ablations_and_alpha0(runs, tmp_path):
 
 
 def test_gpt_norms_at_best_lr_and_saturation_trace(tmp_path):
-    # the lr sweep runs at the first seed, the other seeds at the best lr; NAME@G sets gamma0
+    # the lr sweep runs at the first seed, the other seeds at the best lr; NAME@gG sets gamma0,
+    # NAME@R the output RMS at init
     tiny = [f for f in " ".join(GPT_TINY).replace("--dim 32 ", "").replace("--n_head 2 ", "")
             .replace("--n_kv_head 2 ", "").split()]
-    rows = analyze.main(["norms", "--widths", "32,64", "--norms", "rms,dyt@1", "--lrs", "1e-3,3e-3",
-                         "--seeds", "0,1", "--steps", "2", "--train_args", " ".join(tiny),
+    rows = analyze.main(["norms", "--widths", "32,64", "--norms", "rms,dyt@g1", "--lrs", "1e-3,3e-3",
+                         "--seeds", "0,1", "--extend", "0", "--steps", "2", "--train_args", " ".join(tiny),
                          "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
     outputs(tmp_path, "norms_gpt", ("", "_runs"))
     assert [(r["width"], r["norm"], r["seeds"]) for r in rows] == [
-        (32, "rms", 2), (32, "dyt@1", 2), (64, "rms", 2), (64, "dyt@1", 2)]
+        (32, "rms", 2), (32, "dyt@g1", 2), (64, "rms", 2), (64, "dyt@g1", 2)]
     for r in rows:
-        sweep = {lr: r[f"lr {lr:g} (seed 0)"] for lr in (1e-3, 3e-3)}
+        sweep = {float(lr): float(v) for lr, v in
+                 (item.split(":") for item in r["swept (lr: val loss at seed 0)"].split())}
+        assert sorted(sweep) == [1e-3, 3e-3]
         assert r["best_lr"] == min(sweep, key=sweep.get) and np.isfinite(r["val_loss_mean"])
-    (seed1_run,) = (tmp_path / "runs").glob("w64_dyt_g1_lr*_s1_2")  # the flags reached the run
+    (seed1_run,) = (tmp_path / "runs").glob("w64_dyt_atg1_lr*_s1_2")  # the flags reached the run
     state = tc.load_checkpoint(str(seed1_run / "ckpt.pt"))
     assert state["model_config"]["dim"] == 64 and state["model_config"]["dyt_gamma0"] == 1.0
-    rows = analyze.main(["saturation", "--norms", "dyt@1,derf,rms", "--at", "1,3",
+    rows = analyze.main(["saturation", "--norms", "dyt@g1,derf,rms@2", "--at", "1,3",
                          "--train_args", " ".join(GPT_TINY + ["--max_steps", "3"]), "--n", "2",
                          "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
     outputs(tmp_path, "saturation_gpt", ("", "_layers"))
-    assert [(r["norm"], r["step"]) for r in rows] == [("dyt@1", 1), ("dyt@1", 3), ("derf", 1),
-                                                       ("derf", 3), ("rms", 1), ("rms", 3)]
-    assert all(0 <= r["saturated_in_blocks"] <= 1 for r in rows if r["norm"] != "rms")
-    assert all(r["saturated_final"] == "" for r in rows if r["norm"] == "rms")
+    assert [(r["norm"], r["step"]) for r in rows] == [("dyt@g1", 1), ("dyt@g1", 3), ("derf", 1),
+                                                       ("derf", 3), ("rms@2", 1), ("rms@2", 3)]
+    assert all(0 <= r["saturated_in_blocks"] <= 1 for r in rows if r["norm"] != "rms@2")
+    assert all(r["saturated_final"] == "" for r in rows if r["norm"] == "rms@2")
+    state = tc.load_checkpoint(str(tmp_path / "runs" / "saturation_rms_at2_s0" / "ckpt.pt"))
+    assert state["model_config"]["norm_out_rms"] == 2.0  # NAME@R reached the run
     assert all(r["residual_rms_last_block"] > 0 and 0 <= r["common_share_last_block"] <= 1 + 1e-6
                for r in rows)
     with pytest.raises(tc.UserError, match="unknown norm"):
         analyze.main(["norms", "--norms", "dyx", "--results", str(tmp_path)])
+
+
+def test_lr_sweep_extends_past_an_edge(tmp_path, monkeypatch):
+    # a best lr at the sweep's edge is not known to be best: the sweep goes on by factors of 2
+    # (at most --extend runs); the loss here is lowest at lr 8e-3, beyond the sweep's 4e-3
+    ran = []
+    def fake_run(args, width, spec, lr, seed):
+        ran.append((lr, seed))
+        loss = (math.log2(lr / 8e-3)) ** 2 + 1 + 0.01 * seed
+        return loss, {"status": "ok", "val_loss": loss}
+    monkeypatch.setattr(analyze, "gpt_run", fake_run)
+    base = ["norms", "--widths", "64", "--norms", "dyt", "--seeds", "0,1", "--results", str(tmp_path)]
+    (row,) = analyze.main(base + ["--lrs", "1e-3,2e-3,4e-3"])
+    assert [lr for lr, seed in ran if seed == 0] == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 16e-3])
+    assert row["best_lr"] == pytest.approx(8e-3) and ran[-1] == (row["best_lr"], 1)
+    ran.clear()
+    (row,) = analyze.main(base + ["--lrs", "16e-3,32e-3", "--extend", "1"])  # the low edge
+    assert [lr for lr, seed in ran if seed == 0] == pytest.approx([16e-3, 32e-3, 8e-3])
+    ran.clear()
+    (row,) = analyze.main(base + ["--lrs", "4e-3,8e-3,16e-3"])  # inside: nothing added
+    assert len(ran) == 4 and row["best_lr"] == pytest.approx(8e-3)
 
 
 def test_diverged_runs_are_marked(tmp_path):

@@ -451,7 +451,7 @@ def test_model_preset_prints_no_alpha0_for_a_norm():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--preset", "llama70b",
                         "--norm", "dyt"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=120)
-    assert "alpha0 (attention, other, final): (0.2, 0.05, 0.05); gamma0 1;" in p.stdout, p.stdout
+    assert "alpha0 (attention, other, final): (0.2, 0.05, 0.05); gamma0 (1, 1, 1);" in p.stdout, p.stdout
 
 
 def test_logs_hold_the_true_history(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from dyt import Derf, DyT
 from model import (GPT, GPTConfig, ViT, alpha0_for_width, apply_rope, dyt_layers,
-                   gamma0_for_width, gpt_config, num_params, param_groups, rope_tables, vit_config)
+                   DYT_OUT_RMS0, dyt_out_rms_at_gamma1, gpt_config, num_params, param_groups, rope_tables, vit_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_meta_build_of_70b_allocates_nothing():
     out = subprocess.run([sys.executable, "model.py", "--preset", "llama70b", "--norm", "dyt"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "alpha0 (attention, other, final): (0.2, 0.05, 0.05); gamma0 1;" in out.stdout
+    assert "alpha0 (attention, other, final): (0.2, 0.05, 0.05); gamma0 (1, 1, 1);" in out.stdout
     # RMSNorm's 68,976,648,192 plus one alpha per DyT (2 per layer + final) and the emb scale
     assert f"parameters: {68_976_648_192 + 2 * 80 + 1 + 1:,}" in out.stdout
     with torch.device("meta"):
@@ -91,18 +91,43 @@ def test_gpt_dyt_wiring():
     assert explicit.blocks[1].attn_norm.alpha.item() == pytest.approx(0.3)
     assert explicit.norm.alpha.item() == pytest.approx(0.1)
     assert small_gpt(norm="rms").emb_scale is None
-    # gamma0: sqrt(dim) below width 1024 (this project's small-width rule), the papers' 1 from
-    # 1024 up; alpha0_final defaults to alpha0_other
+    # gamma0: below width 1024 set so that each DyT-like layer's output RMS at init is 2.5 (this
+    # project's small-width rule), the papers' 1 from 1024 up; alpha0_final defaults to
+    # alpha0_other
     assert torch.equal(model.norm.weight, torch.ones(2048))
     small = small_gpt(norm="derf", alpha0_other=0.3)
+    x0 = small.tok_emb.weight * small.emb_scale  # what the layers see at init
     for layer in (small.blocks[0].attn_norm, small.blocks[1].mlp_norm, small.norm):
-        assert isinstance(layer, Derf) and torch.allclose(layer.weight, torch.full((32,), math.sqrt(32)))
+        assert isinstance(layer, Derf)
+        assert layer(x0).pow(2).mean().sqrt().item() == pytest.approx(DYT_OUT_RMS0, rel=0.15)
+        assert torch.equal(layer.weight, torch.full((32,), layer.weight[0].item()))
+    # the gain follows alpha0: alpha 0.3 before the MLP needs a larger gamma than 1.0 before attention
+    assert small.blocks[0].mlp_norm.weight[0] > 2.5 * small.blocks[0].attn_norm.weight[0]
     assert small.norm.alpha.item() == pytest.approx(0.3)
     final = small_gpt(alpha0_other=0.3, alpha0_final=0.05, dyt_gamma0=2.0)
     assert final.norm.alpha.item() == pytest.approx(0.05)
     assert final.blocks[0].mlp_norm.alpha.item() == pytest.approx(0.3)
     assert torch.equal(final.blocks[0].attn_norm.weight, torch.full((32,), 2.0))
-    assert [gamma0_for_width(d) for d in (64, 1023, 1024, 8192)] == [8.0, math.sqrt(1023), 1.0, 1.0]
+    assert torch.equal(final.norm.weight, torch.full((32,), 2.0))
+    assert [GPTConfig(dim=d, norm="dyt").gamma0s() for d in (1024, 8192)] == [(1.0,) * 3] * 2
+    # --norm_out_rms: a DyT's gamma for that output RMS, an RMSNorm's weight itself
+    assert small_gpt(norm="rms", norm_out_rms=2.5).blocks[0].attn_norm.weight.eq(2.5).all()
+    assert small_gpt(norm="rms").norm.weight.eq(1.0).all()
+    assert GPTConfig(dim=4096, norm="dyt", norm_out_rms=1.0).gamma0(0.8) > 1.0
+
+
+def test_dyt_out_rms_at_gamma1_is_the_gaussian_expectation():
+    # quadrature against a float64 Monte-Carlo estimate, and the small-input limits:
+    # tanh(a x) ~ a x, erf(a x) ~ 2/sqrt(pi) a x, so the RMS is a*s (times 2/sqrt(pi) for erf)
+    z = torch.randn(2_000_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for norm, f in (("dyt", torch.tanh), ("derf", torch.erf)):
+        for alpha0, s in ((1.0, 0.23), (0.5, 2.0), (3.0, 1.0)):
+            mc = f(alpha0 * s * z).pow(2).mean().sqrt().item()
+            assert dyt_out_rms_at_gamma1(norm, alpha0, s) == pytest.approx(mc, rel=2e-3)
+    assert dyt_out_rms_at_gamma1("dyt", 1.0, 1e-4) == pytest.approx(1e-4, rel=1e-6)
+    assert dyt_out_rms_at_gamma1("derf", 1.0, 1e-4) == pytest.approx(2 / math.sqrt(math.pi) * 1e-4, rel=1e-6)
+    with torch.device("meta"):  # the model may be built on the meta device
+        assert GPTConfig(dim=128, n_head=4, n_kv_head=4, norm="dyt").gamma0(1.0) > 1
 
 
 def test_param_groups_exclude_norms_biases_and_scales():

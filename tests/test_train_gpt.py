@@ -177,7 +177,7 @@ def test_explosion_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 # The stall at small width (this project's finding): with gamma 1, DyT's +-1 output ceiling
 # makes the model grow one token-independent residual vector until every tanh saturates, and
 # the loss stays at the unigram level (about 3.3 nats on the default corpus). The default
-# gamma0 (sqrt(dim) below width 1024) learns. 80 steps of a 2-layer, width-64 model.
+# gamma0 (output RMS 2.5 at init below width 1024) learns. 80 steps of a 2-layer, width-64 model.
 STALL = ["--dim", "64", "--n_layer", "2", "--n_head", "2", "--n_kv_head", "2", "--seq_len", "64",
          "--micro_batch", "8", "--global_batch_tokens", "512", "--warmup_steps", "5",
          "--eval_interval", "0", "--eval_tokens", "4096", "--sample_tokens", "0",
@@ -200,8 +200,14 @@ def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
 
     model = model_for("--norm", "derf")
     dyts = [model.blocks[0].attn_norm, model.blocks[1].mlp_norm, model.norm]
-    assert all(torch.allclose(m.weight, torch.full((64,), 8.0)) for m in dyts)  # sqrt(64)
+    gamma = model.cfg.gamma0(1.0)
+    assert gamma == pytest.approx(14.19, abs=0.01)  # 2.5 / rms(erf(x)), x ~ N(0, (0.02 * 8)^2)
+    assert all(torch.allclose(m.weight, torch.full((64,), gamma)) for m in dyts)
     assert model.norm.alpha.item() == model.blocks[0].mlp_norm.alpha.item() == 1.0
+    model = model_for("--norm", "dyt", "--norm_out_rms", "1.5")
+    assert model.norm.weight[0].item() == pytest.approx(1.5 / 0.15611, rel=1e-3)
+    model = model_for("--norm", "rms", "--norm_out_rms", "1.5")
+    assert all(m.weight.eq(1.5).all() for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
     model = model_for("--norm", "dyt", "--dyt_gamma0", "2.5", "--alpha0_attn", "0.7",
                       "--alpha0_other", "0.3", "--alpha0_final", "0.1")
     dyts = [m for m in model.modules() if is_dynamic(m)]
@@ -212,8 +218,8 @@ def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
     # the paper's presets keep the papers' gamma 1
     for preset in ("llama7b", "gpt2_small"):
         cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--preset", preset])
-        assert train_gpt.model_config(cfg, 256).gamma0() == 1.0
-    for flag in ("--dyt_gamma0", "--alpha0_final"):
+        assert train_gpt.model_config(cfg, 256).gamma0s() == (1.0, 1.0, 1.0)
+    for flag in ("--dyt_gamma0", "--alpha0_final", "--norm_out_rms"):
         for value in ("0", "-1"):
             err = one_line_error(TINY + ["--out_dir", str(tmp_path), flag, value], capsys)
             assert err.startswith(f"error: {flag} must be > 0"), err
