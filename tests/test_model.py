@@ -230,11 +230,12 @@ def test_rope_rotates_interleaved_pairs():
     # the layout the checkpoints and the Hugging Face mapping below rely on: channels 2i and
     # 2i+1 are one pair, rotated by position * theta^(-2i/D)
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 10, 8, dtype=torch.float64).float()
+    x = torch.randn(2, 10, 3, 8, dtype=torch.float64).float()  # [B, T, H, D]
     cos, sin = rope_tables(8, 10, 10000.0)
     got = apply_rope(x, cos, sin)
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    want = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    c, s = cos[:, None], sin[:, None]  # every head at position t turns by the same angle
+    want = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
     # gradients flow through the complex view
