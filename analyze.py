@@ -687,7 +687,7 @@ def cmd_alpha0(args):
 
 # ---------------------------------------------------------------------------------------------
 # 6b. The GPT with each norm at its own best lr, across widths; and why gamma 1 stalls
-# (this project's own experiments, not the papers': see model.gamma0_for_width)
+# (this project's own experiments, not the papers': see model.DYT_OUT_RMS0)
 
 
 def norm_spec(text):

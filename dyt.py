@@ -39,7 +39,7 @@ class DyT(nn.Module):
     `weight` is gamma and `bias` is beta: the names of the norm DyT replaces, so that code
     which treats a norm's affine specially (weight decay, copying a checkpoint) still works.
     gamma0 is gamma's init: 1 in both papers. DyT's output is bounded by +-gamma, so gamma0
-    sets its ceiling; this project's small GPTs need more than 1 (model.gamma0_for_width).
+    sets its ceiling; this project's small GPTs need more than 1 (model.DYT_OUT_RMS0).
     """
 
     def __init__(self, dim, alpha0=0.5, channels_last=True, bias=True, gamma0=1.0):
