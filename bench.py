@@ -1,7 +1,7 @@
 """
 Benchmarks for DyT against the norms it replaces: is DyT really cheaper than normalisation?
 
-Three modes:
+Four modes:
 
   python bench.py            kernel level: one layer at a time, forward and forward+backward,
                              bf16 and fp32, at LLaMA-7B and ViT-B activation shapes and over a
@@ -13,6 +13,10 @@ Three modes:
   python bench.py --memory   peak GPU memory of one training step of ViT-B and of a GPT
                              (gpt2_small preset, 162M) with LN/RMSNorm, plain DyT and fused DyT,
                              and the bytes autograd saves for backward (also on a CPU).
+  python bench.py --nanogpt DIR --threads 2
+                             one training step (fwd, bwd, AdamW) of karpathy/nanoGPT's model,
+                             imported from its checkout DIR, against train_gpt.py's at nanoGPT's
+                             shape (6 x 384), with LayerNorm, RMSNorm and DyT, taking turns.
 
 Results are printed as a table and written as JSON and Markdown under --out (default
 out/bench; results/ holds the committed ones: --out results replaces them) with the device,
@@ -860,6 +864,63 @@ def format_memory_row(r):
 # ---------------------------------------------------------------------------------------------
 # Environment, output files, command line
 
+# ---------------------------------------------------------------------------------------------
+# Against nanoGPT: one training step (forward, backward, AdamW) of karpathy/nanoGPT's model and
+# of train_gpt.py's at nanoGPT's shape (6 layers x 384, context 256, batch 8, byte vocabulary,
+# fp32, no compile; --ffn_dim 1024 gives SwiGLU the parameter count of its 4x384 GELU MLP), in
+# one process, the models taking turns step by step: on a shared CPU two runs minutes apart
+# differ by more than the models do. Each side uses its own trainer's optimizer (nanoGPT's
+# configure_optimizers; ours, train_common.build_optimizer's fused AdamW). nanoGPT's code is
+# imported from the checkout given (--nanogpt DIR); none of it is in this repository.
+
+NANOGPT_HEADER = "| model | median s/step | min s/step | median / nanoGPT's | min / nanoGPT's |"
+
+
+def bench_nanogpt(args, device):
+    import importlib.util
+    from model import GPTConfig, param_groups
+    path = Path(args.nanogpt) / "model.py"
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    shape = dict(n_layer=6, n_head=6, block_size=256, vocab_size=256)
+    torch.manual_seed(0)
+    nano = nanogpt.GPT(nanogpt.GPTConfig(n_embd=384, dropout=0.0, bias=False, **shape)).to(device)
+    steps = {"nanoGPT (LayerNorm, GELU MLP)": (nano, nano.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type))}
+    for norm in ("ln", "rms", "dyt"):
+        model = GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm, **shape)).to(device)
+        groups = [g for g in param_groups(model, 0.1) if g["params"]]
+        steps[f"train_gpt.py's, --norm {norm}"] = (model, torch.optim.AdamW(
+            groups, lr=2e-3, betas=(0.9, 0.95), fused=True))
+    x = torch.randint(0, 256, (8, 256), device=device)
+    y = torch.randint(0, 256, (8, 256), device=device)
+    times = {name: [] for name in steps}
+    for i in range(args.warmup + args.passes):
+        for name, (model, opt) in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    base = times["nanoGPT (LayerNorm, GELU MLP)"]
+    rows = [dict(model=name, median_s=quantile(t, 0.5), min_s=min(t),
+                 median_ratio=quantile(t, 0.5) / quantile(base, 0.5), min_ratio=min(t) / min(base))
+            for name, t in times.items()]
+    notes = [f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns; "
+             f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else
+             f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns"]
+    return dict(rows=rows, notes=notes, nanogpt=str(path))
+
+
+def format_nanogpt_row(r):
+    return (f"| {r['model']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['median_ratio']:.3f} | "
+            f"{r['min_ratio']:.3f} |")
+
+
 def environment(device):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -924,6 +985,8 @@ def parse_args(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--model", action="store_true", help="whole-model timing (the paper's Table 7)")
     mode.add_argument("--memory", action="store_true", help="peak memory of one training step")
+    mode.add_argument("--nanogpt", metavar="DIR", default=None,
+                      help="a training step of nanoGPT's model (from the checkout DIR) against ours")
     # out/bench by default: results/ holds the committed numbers the README cites, written
     # only when asked for (--out results)
     p.add_argument("--out", default=os.path.join("out", "bench"),
@@ -943,13 +1006,16 @@ def parse_args(argv=None):
     p.add_argument("--gpt-batch", type=int, default=8, help="--memory: GPT sequences of 1024 tokens")
     p.add_argument("--preset", default=None, help="--model: GPT preset (default llama7b on a GPU, nano on a CPU)")
     p.add_argument("--seq", type=int, default=None, help="--model: sequence length (default: the preset's block size)")
-    p.add_argument("--passes", type=int, default=100, help="--model: timed passes of each kind")
+    p.add_argument("--passes", type=int, default=None, help="--model: timed passes of each kind "
+                   "(default 100); --nanogpt: timed steps of each model (default 12)")
     p.add_argument("--warmup", type=int, default=3, help="--model: untimed passes first")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: on a small shared machine more threads than free "
                         "cores turns timings into scheduler noise)")
     p.add_argument("--model-dtype", default=None, help="--model: bf16 or fp32 (default bf16 on a GPU, fp32 on a CPU)")
     args = p.parse_args(argv)
+    if args.passes is None:
+        args.passes = 12 if args.nanogpt else 100
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.only_given = args.only is not None
     if args.only is None:
@@ -975,6 +1041,9 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.seq is not None and args.seq < 1):
         p.error("--warmup must be >= 0 and --seq >= 1")
+    if args.nanogpt is not None and not (Path(args.nanogpt) / "model.py").is_file():
+        p.error(f"--nanogpt {args.nanogpt}: no model.py there; give a checkout of "
+                "github.com/karpathy/nanoGPT")
     if args.device not in (None, "cuda", "cpu"):
         p.error(f"--device {args.device}: choose cuda or cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1015,6 +1084,12 @@ def main(argv=None):
                  f"tokens, {result['passes']} passes each) on {tag.upper() if tag == 'cpu' else env['device']}")
         paths = write_results(out, f"bench_model_{result['preset']}_{tag}", env, result, MODEL_HEADER, lines, title)
         header = MODEL_HEADER
+    elif args.nanogpt:
+        result = bench_nanogpt(args, device)
+        lines = [format_nanogpt_row(r) for r in result["rows"]]
+        title = f"A training step at nanoGPT's shape, nanoGPT's model against ours, on {'CPU' if tag == 'cpu' else env['device']}"
+        paths = write_results(out, f"bench_nanogpt_{tag}", env, result, NANOGPT_HEADER, lines, title)
+        header = NANOGPT_HEADER
     elif args.memory:
         result = bench_memory(args, device)
         lines = [format_memory_row(r) for r in result["rows"]]
