@@ -33,6 +33,7 @@ The API (keep these signatures stable; train_vit.py builds on them):
                                       disk is a one-line error and leaves no .tmp behind
     load_checkpoint(path, config=...) weights_only=True, one-line error on a config mismatch
     checkpoint_problem(...)           why a state must not be saved (non-finite, exploding)
+    end_if_finished(dist, path, step, total)  a resumed run already at its end: say so, stop
     save_sharded / load_sharded       torch.distributed.checkpoint (DCP) directory under FSDP
     capture_rng_state() / restore_rng_state(state)   python, numpy, torch, cuda
   Logging and safety
@@ -874,6 +875,18 @@ def start_run(out_dir, ckpt, resume, is_main=None):
 def finished_message(path, step, total):
     return (f"{path} is already finished ({step} of {total} steps): nothing to do; raise "
             "--max_steps to train on, or start a new run with another --out_dir")
+
+
+def end_if_finished(dist, path, step, total):
+    """A resumed run that is already at its last step: say so (rank 0), release the process
+    group this run set up, and return True; the trainer then returns without training."""
+    if step < total:
+        return False
+    if dist.is_main:
+        print(finished_message(path, step, total), flush=True)
+    if dist.initialized_here:
+        teardown_distributed()
+    return True
 
 
 def guarded_save(save, step, last_ckpt, model, optimizer, guard, probe_loss):

@@ -292,11 +292,7 @@ def train(argv=None):
         if len(rngs) == dist.world_size:
             tc.restore_rng_state(rngs[dist.rank])
         last_ckpt = path
-        if start_step >= steps:
-            if dist.is_main:
-                print(tc.finished_message(path, start_step, steps), flush=True)
-            if dist.initialized_here:
-                tc.teardown_distributed()
+        if tc.end_if_finished(dist, path, start_step, steps):
             return None
 
     if not cfg.fsdp:

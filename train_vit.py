@@ -293,11 +293,7 @@ def train(argv=None):
         guard.load_state_dict(extra["guard"])
         tc.restore_rng_state(extra["rng"])
         last_ckpt = path
-        if start_step >= steps:
-            if dist.is_main:
-                print(tc.finished_message(path, start_step, steps), flush=True)
-            if dist.initialized_here:
-                tc.teardown_distributed()
+        if tc.end_if_finished(dist, path, start_step, steps):
             return None
 
     model = tc.wrap_ddp(model, dist)
