@@ -862,23 +862,22 @@ def format_memory_row(r):
 
 
 # ---------------------------------------------------------------------------------------------
-# Environment, output files, command line
-
-# ---------------------------------------------------------------------------------------------
 # Against nanoGPT: one training step (forward, backward, AdamW) of karpathy/nanoGPT's model and
 # of train_gpt.py's at nanoGPT's shape (6 layers x 384, context 256, batch 8, byte vocabulary,
 # fp32, no compile; --ffn_dim 1024 gives SwiGLU the parameter count of its 4x384 GELU MLP), in
 # one process, the models taking turns step by step: on a shared CPU two runs minutes apart
 # differ by more than the models do. Each side uses its own trainer's optimizer (nanoGPT's
-# configure_optimizers; ours, train_common.build_optimizer's fused AdamW). nanoGPT's code is
-# imported from the checkout given (--nanogpt DIR); none of it is in this repository.
+# configure_optimizers; ours, train_common.build_optimizer at train_gpt.py's defaults).
+# nanoGPT's code is imported from the checkout given (--nanogpt DIR); none of it is here.
 
 NANOGPT_HEADER = "| model | median s/step | min s/step | median / nanoGPT's | min / nanoGPT's |"
 
 
 def bench_nanogpt(args, device):
     import importlib.util
-    from model import GPTConfig, param_groups
+    from model import GPTConfig
+    from train_common import build_optimizer
+    from train_gpt import GPTTrainConfig
     path = Path(args.nanogpt) / "model.py"
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     nanogpt = importlib.util.module_from_spec(spec)
@@ -887,11 +886,10 @@ def bench_nanogpt(args, device):
     torch.manual_seed(0)
     nano = nanogpt.GPT(nanogpt.GPTConfig(n_embd=384, dropout=0.0, bias=False, **shape)).to(device)
     steps = {"nanoGPT (LayerNorm, GELU MLP)": (nano, nano.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type))}
+    recipe = GPTTrainConfig()  # train_gpt.py's default lr, betas and weight decay
     for norm in ("ln", "rms", "dyt"):
         model = GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm, **shape)).to(device)
-        groups = [g for g in param_groups(model, 0.1) if g["params"]]
-        steps[f"train_gpt.py's, --norm {norm}"] = (model, torch.optim.AdamW(
-            groups, lr=2e-3, betas=(0.9, 0.95), fused=True))
+        steps[f"train_gpt.py's, --norm {norm}"] = (model, build_optimizer(model, recipe, device))
     x = torch.randint(0, 256, (8, 256), device=device)
     y = torch.randint(0, 256, (8, 256), device=device)
     times = {name: [] for name in steps}
@@ -910,16 +908,19 @@ def bench_nanogpt(args, device):
     rows = [dict(model=name, median_s=quantile(t, 0.5), min_s=min(t),
                  median_ratio=quantile(t, 0.5) / quantile(base, 0.5), min_ratio=min(t) / min(base))
             for name, t in times.items()]
-    notes = [f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns; "
-             f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else
-             f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns"]
-    return dict(rows=rows, notes=notes, nanogpt=str(path))
+    note = f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns"
+    if device.type == "cpu":
+        note += f"; {torch.get_num_threads()} CPU threads"
+    return dict(rows=rows, notes=[note], nanogpt=str(path))
 
 
 def format_nanogpt_row(r):
     return (f"| {r['model']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['median_ratio']:.3f} | "
             f"{r['min_ratio']:.3f} |")
 
+
+# ---------------------------------------------------------------------------------------------
+# Environment, output files, command line
 
 def environment(device):
     if device.type == "cuda":

@@ -284,8 +284,8 @@ def test_vit_sigint_saves_by_default_and_resumes(tmp_path, idx):
 ])
 def test_divergence_never_checkpoints_a_diverged_state_and_the_named_one_resumes(tmp_path, flags):
     out = str(tmp_path)
-    # gamma0 1 (the runs): with the larger default (init output RMS 2.5) the first lr-1.0 step of the
-    # third case leaves the weights so sharp (val loss 10.6, next gradient norm 2e7) that the
+    # gamma0 1 (the runs): with the larger default (init output RMS 2.5) the first
+    # lr-1.0 step of the third case leaves the weights so sharp (val loss 10.6, next gradient norm 2e7) that the
     # resumed run's loss swings past 100 even at lr 1e-3: a checkpoint that is finite and
     # under the explosion threshold, but not one a lower lr recovers from within 4 steps
     shape = ["--dim", "64", "--n_layer", "2", "--n_head", "2", "--n_kv_head", "2",
