@@ -728,6 +728,31 @@ def gpt_run(args, width, spec, lr, seed):
     return loss, result
 
 
+def recorded_runs(results_dir, name, title):
+    """The runs an earlier `analyze.py norms` recorded in results_dir/NAME.csv, keyed by
+    (width, norm, lr, seed), if its NAME.md was written under the same budget (its title says
+    which; another budget's runs are not these). Run directories are scratch that a fresh
+    checkout lacks; this table is committed, so a later session or machine can add seeds or
+    lrs to it without retraining what it holds."""
+    md, table = (os.path.join(results_dir, f"{name}.{ext}") for ext in ("md", "csv"))
+    if not (os.path.isfile(md) and os.path.isfile(table)):
+        return {}
+    with open(md) as f:
+        if f.readline().rstrip("\n") != f"## {title}":
+            print(f"note: {table} was recorded under another budget; its runs are not reused")
+            return {}
+    recorded = {}
+    with open(table, newline="") as f:
+        for row in csv.DictReader(f):
+            result = {"status": row.pop("status")}
+            key = (int(row.pop("width")), row.pop("norm"), float(row.pop("lr")), int(row.pop("seed")))
+            for k, v in row.items():  # the logged metrics; a diverged run leaves some empty
+                if v != "":
+                    result[k] = int(v) if k == "steps" else float(v)
+            recorded[key] = result
+    return recorded
+
+
 def cmd_norms(args):
     """For each width and norm: an lr sweep at the first seed, then the other seeds at the
     best lr. Each norm is compared at its own best lr: the fair comparison."""
@@ -742,13 +767,28 @@ def cmd_norms(args):
         raise AnalysisError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if not seeds:
         raise AnalysisError("--seeds needs at least one seed")
+    budget = f"--max_steps {args.steps}" if args.steps else "the default 450 steps"
+    name = f"norms_gpt{args.tag}"
+    runs_title = f"Every run of `analyze.py norms` ({budget} {args.train_args}): val loss (nats)"
+    recorded = recorded_runs(args.results, f"{name}_runs", runs_title) if args.reuse else {}
     runs, rows = [], []
+
+    def run(width, spec, lr, seed):
+        """One run's val loss (inf unless ok): read back from the recorded table with --reuse,
+        else trained (or read back from its run directory)."""
+        if (width, spec, lr, seed) in recorded:
+            print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}: recorded in "
+                  f"{os.path.join(args.results, name)}_runs.csv", flush=True)
+            result = recorded[(width, spec, lr, seed)]
+            loss = result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
+        else:
+            loss, result = gpt_run(args, width, spec, lr, seed)
+        runs.append({"width": width, "norm": spec, "lr": lr, "seed": seed, **result})
+        return loss
+
     for width in widths:
         for spec in specs:
-            sweep = {}
-            for lr in lrs:
-                sweep[lr], result = gpt_run(args, width, spec, lr, seeds[0])
-                runs.append({"width": width, "norm": spec, "lr": lr, "seed": seeds[0], **result})
+            sweep = {lr: run(width, spec, lr, seeds[0]) for lr in lrs}
             # A best lr at the edge of the sweep is not known to be the best: extend the sweep
             # by factors of 2 past that edge until it is inside (at most --extend more runs).
             for _ in range(args.extend):
@@ -756,14 +796,9 @@ def cmd_norms(args):
                 if min(sweep) < best_lr < max(sweep) or len(sweep) < 2:
                     break
                 lr = best_lr * 2 if best_lr == max(sweep) else best_lr / 2
-                sweep[lr], result = gpt_run(args, width, spec, lr, seeds[0])
-                runs.append({"width": width, "norm": spec, "lr": lr, "seed": seeds[0], **result})
+                sweep[lr] = run(width, spec, lr, seeds[0])
             best_lr = min(sweep, key=lambda lr: sweep[lr])
-            losses = [sweep[best_lr]]
-            for seed in seeds[1:]:
-                loss, result = gpt_run(args, width, spec, best_lr, seed)
-                runs.append({"width": width, "norm": spec, "lr": best_lr, "seed": seed, **result})
-                losses.append(loss)
+            losses = [sweep[best_lr]] + [run(width, spec, best_lr, seed) for seed in seeds[1:]]
             ok = [l for l in losses if math.isfinite(l)]
             row = {"width": width, "norm": spec, "best_lr": best_lr,
                    "swept (lr: val loss at seed %d)" % seeds[0]:
@@ -772,10 +807,7 @@ def cmd_norms(args):
                    "val_loss_mean": round(float(np.mean(ok)), 4) if ok else float("nan"),
                    "val_loss_std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else 0.0}
             rows.append(row)
-    budget = f"--max_steps {args.steps}" if args.steps else "the default 450 steps"
-    name = f"norms_gpt{args.tag}"
-    write_table(runs, args.results, f"{name}_runs",
-                f"Every run of `analyze.py norms` ({budget} {args.train_args}): val loss (nats)")
+    write_table(runs, args.results, f"{name}_runs", runs_title)
     write_table(rows, args.results, name,
                 f"GPT val loss (nats, mean and sample std over seeds {args.seeds}) per width and "
                 f"norm, each at its own best lr from the sweep {args.lrs} at seed {seeds[0]}; "
@@ -1145,7 +1177,8 @@ def build_parser():
         p.add_argument("--train_args", default="", help="more trainer flags, quoted")
         p.add_argument("--out_dir", default=os.path.join("out_analysis", "sweeps"),
                        help="run directories go under here")
-        p.add_argument("--reuse", action="store_true", help="read back runs already finished")
+        p.add_argument("--reuse", action="store_true",
+                       help="read back runs already finished (norms: also those in --results' runs table)")
 
     p = common(sub.add_parser("ablations", help="train the ViT with each squashing function"))
     sweep(p)

@@ -251,6 +251,31 @@ def test_lr_sweep_extends_past_an_edge(tmp_path, monkeypatch):
     assert len(ran) == 4 and row["best_lr"] == pytest.approx(8e-3)
 
 
+def test_norms_reuse_reads_the_recorded_runs_table(tmp_path, monkeypatch):
+    # run directories are scratch; with --reuse the committed NAME_runs.csv is read back, so a
+    # later session adds a seed without retraining the rest; another budget's table is not reused
+    ran = []
+    def fake_run(args, width, spec, lr, seed):
+        ran.append((spec, lr, seed))
+        loss = 1 + abs(math.log2(lr / 2e-3)) + 0.01 * seed if spec == "dyt" else float("inf")
+        status = "ok" if spec == "dyt" else "diverged: loss is nan"
+        return loss, {"status": status, "steps": 5, **({"val_loss": loss} if spec == "dyt" else {})}
+    monkeypatch.setattr(analyze, "gpt_run", fake_run)
+    base = ["norms", "--widths", "64", "--norms", "dyt,derf", "--lrs", "1e-3,2e-3,4e-3", "--extend",
+            "0", "--results", str(tmp_path)]
+    first = analyze.main(base + ["--seeds", "0,1"])
+    assert len(ran) == 8
+    ran.clear()
+    again = analyze.main(base + ["--seeds", "0,1,2", "--reuse"])
+    assert ran == [("dyt", 2e-3, 2), ("derf", 1e-3, 2)]  # only the new seed trains
+    assert again[0]["val_loss_mean"] == pytest.approx(np.mean([1, 1.01, 1.02]))
+    assert again[0]["swept (lr: val loss at seed 0)"] == first[0]["swept (lr: val loss at seed 0)"]
+    assert again[1]["diverged"] == 3  # a recorded divergence stays one
+    ran.clear()
+    analyze.main(base + ["--seeds", "0,1,2", "--reuse", "--steps", "7"])  # another budget
+    assert len(ran) == 10  # all retrained: 3 lrs + 2 more seeds, per norm
+
+
 def test_diverged_runs_are_marked(tmp_path):
     class Exploding:
         @staticmethod
