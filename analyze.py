@@ -717,11 +717,12 @@ def width_flags(width):
 def gpt_run(args, width, spec, lr, seed):
     import train_gpt
     name, gamma_flags = norm_spec(spec)
-    argv = (["--norm", name] + gamma_flags + width_flags(width) +
+    shape = ["--preset", args.preset] if args.preset else width_flags(width)
+    argv = (["--norm", name] + gamma_flags + shape +
             ["--lr", f"{lr:g}", "--seed", str(seed), "--sample_tokens", "0", "--ckpt_interval", "0",
              "--device", "cpu"] + (["--max_steps", str(args.steps)] if args.steps else []) +
             shlex.split(args.train_args))
-    tag = f"w{width}_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}{'_' + str(args.steps) if args.steps else ''}"
+    tag = f"{args.preset or 'w' + str(width)}_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}{'_' + str(args.steps) if args.steps else ''}"
     print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}", flush=True)
     result = train_one(train_gpt, argv, os.path.join(args.out_dir, tag), args.reuse)
     loss = result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
@@ -755,8 +756,15 @@ def recorded_runs(results_dir, name, title):
 
 def cmd_norms(args):
     """For each width and norm: an lr sweep at the first seed, then the other seeds at the
-    best lr. Each norm is compared at its own best lr: the fair comparison."""
-    widths = [int(w) for w in floats(args.widths, "--widths")]
+    best lr. Each norm is compared at its own best lr: the fair comparison. --preset runs a
+    train_gpt.py preset (its shape, steps and batch) instead of the default run at --widths."""
+    import train_gpt
+    if args.preset and args.widths:
+        raise AnalysisError("--preset sets the width (its --dim); drop --widths")
+    if args.preset and args.preset not in train_gpt.PRESETS:
+        raise AnalysisError(f"--preset {args.preset!r}: choose one of {', '.join(train_gpt.PRESETS)}")
+    widths = ([train_gpt.PRESETS[args.preset].get("dim", train_gpt.GPTTrainConfig.dim)] if args.preset
+              else [int(w) for w in floats(args.widths or "128", "--widths")])
     specs = [s.strip() for s in args.norms.split(",") if s.strip()]
     for s in specs:
         norm_spec(s)
@@ -767,7 +775,9 @@ def cmd_norms(args):
         raise AnalysisError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if not seeds:
         raise AnalysisError("--seeds needs at least one seed")
-    budget = f"--max_steps {args.steps}" if args.steps else "the default 450 steps"
+    budget = f"--max_steps {args.steps}" if args.steps else (
+        "the preset's steps" if args.preset else "the default 450 steps")
+    budget = f"--preset {args.preset}, {budget}" if args.preset else budget
     name = f"norms_gpt{args.tag}"
     runs_title = f"Every run of `analyze.py norms` ({budget} {args.train_args}): val loss (nats)"
     recorded = recorded_runs(args.results, f"{name}_runs", runs_title) if args.reuse else {}
@@ -1193,7 +1203,9 @@ def build_parser():
 
     p = common(sub.add_parser("norms", help="GPT: each norm at its own best lr, per width, seeds"))
     sweep(p)
-    p.add_argument("--widths", default="128", help="model widths (multiples of 32)")
+    p.add_argument("--widths", default="", help="model widths (multiples of 32; default 128)")
+    p.add_argument("--preset", default="", help="a train_gpt.py preset (e.g. micro) in place of "
+                   "--widths; on a GPU add --train_args '--device cuda'")
     p.add_argument("--norms", default="rms,dyt,derf", help="norm names; NAME@R: --norm_out_rms R; "
                    "NAME@gG: --dyt_gamma0 G")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the lr sweep (at the first seed)")

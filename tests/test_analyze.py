@@ -276,6 +276,27 @@ def test_norms_reuse_reads_the_recorded_runs_table(tmp_path, monkeypatch):
     assert len(ran) == 10  # all retrained: 3 lrs + 2 more seeds, per norm
 
 
+def test_norms_preset_runs_the_preset_shape(tmp_path, monkeypatch):
+    # --preset micro: the trainer gets the preset (its dim, layers, kv heads, steps), not the
+    # default run's width flags; its table says so, and --widths beside it is a one-line error
+    seen = []
+    def fake_train_one(trainer, argv, out_dir, reuse=False):
+        seen.append((argv, os.path.basename(out_dir)))
+        return {"status": "ok", "steps": 1000, "val_loss": 1.0 + len(seen) * 0.01}
+    monkeypatch.setattr(analyze, "train_one", fake_train_one)
+    (row,) = analyze.main(["norms", "--preset", "micro", "--norms", "dyt", "--lrs", "1e-3", "--extend",
+                           "0", "--seeds", "0,1", "--results", str(tmp_path)])
+    assert row["width"] == 256 and row["seeds"] == 2
+    for argv, run_dir in seen:
+        assert argv[argv.index("--preset") + 1] == "micro" and "--dim" not in argv
+        assert "--n_kv_head" not in argv and run_dir.startswith("micro_dyt_lr0.001_s")
+    assert "--preset micro" in (tmp_path / "norms_gpt_runs.md").read_text().splitlines()[0]
+    with pytest.raises(tc.UserError, match="drop --widths"):
+        analyze.main(["norms", "--preset", "micro", "--widths", "128", "--results", str(tmp_path)])
+    with pytest.raises(tc.UserError, match="choose one of"):
+        analyze.main(["norms", "--preset", "mikro", "--results", str(tmp_path)])
+
+
 def test_diverged_runs_are_marked(tmp_path):
     class Exploding:
         @staticmethod
