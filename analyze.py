@@ -817,6 +817,11 @@ def cmd_norms(args):
                    "val_loss_mean": round(float(np.mean(ok)), 4) if ok else float("nan"),
                    "val_loss_std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else 0.0}
             rows.append(row)
+    # The runs table keeps every recorded run, also those this call did not ask for (a seed
+    # beyond --seeds, another lr): a call over fewer seeds must not erase runs already paid for.
+    asked = {(r["width"], r["norm"], r["lr"], r["seed"]) for r in runs}
+    runs += [{"width": w, "norm": n, "lr": lr, "seed": sd, **result}
+             for (w, n, lr, sd), result in recorded.items() if (w, n, lr, sd) not in asked]
     write_table(runs, args.results, f"{name}_runs", runs_title)
     write_table(rows, args.results, name,
                 f"GPT val loss (nats, mean and sample std over seeds {args.seeds}) per width and "

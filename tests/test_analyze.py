@@ -272,6 +272,10 @@ def test_norms_reuse_reads_the_recorded_runs_table(tmp_path, monkeypatch):
     assert again[0]["swept (lr: val loss at seed 0)"] == first[0]["swept (lr: val loss at seed 0)"]
     assert again[1]["diverged"] == 3  # a recorded divergence stays one
     ran.clear()
+    (fewer,) = analyze.main(base + ["--norms", "dyt", "--seeds", "0", "--reuse"])  # a subset
+    assert ran == [] and fewer["seeds"] == 1
+    with open(tmp_path / "norms_gpt_runs.csv") as f:
+        assert len(f.readlines()) == 1 + 2 * 5  # every recorded run is still in the table
     analyze.main(base + ["--seeds", "0,1,2", "--reuse", "--steps", "7"])  # another budget
     assert len(ran) == 10  # all retrained: 3 lrs + 2 more seeds, per norm
 
