@@ -724,9 +724,7 @@ def gpt_run(args, width, spec, lr, seed):
             shlex.split(args.train_args))
     tag = f"{args.preset or 'w' + str(width)}_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}{'_' + str(args.steps) if args.steps else ''}"
     print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}", flush=True)
-    result = train_one(train_gpt, argv, os.path.join(args.out_dir, tag), args.reuse)
-    loss = result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
-    return loss, result
+    return train_one(train_gpt, argv, os.path.join(args.out_dir, tag), args.reuse)
 
 
 def recorded_runs(results_dir, name, title):
@@ -790,11 +788,10 @@ def cmd_norms(args):
             print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}: recorded in "
                   f"{os.path.join(args.results, name)}_runs.csv", flush=True)
             result = recorded[(width, spec, lr, seed)]
-            loss = result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
         else:
-            loss, result = gpt_run(args, width, spec, lr, seed)
+            result = gpt_run(args, width, spec, lr, seed)
         runs.append({"width": width, "norm": spec, "lr": lr, "seed": seed, **result})
-        return loss
+        return result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
 
     for width in widths:
         for spec in specs:

@@ -237,7 +237,7 @@ def test_lr_sweep_extends_past_an_edge(tmp_path, monkeypatch):
     def fake_run(args, width, spec, lr, seed):
         ran.append((lr, seed))
         loss = (math.log2(lr / 8e-3)) ** 2 + 1 + 0.01 * seed
-        return loss, {"status": "ok", "val_loss": loss}
+        return {"status": "ok", "val_loss": loss}
     monkeypatch.setattr(analyze, "gpt_run", fake_run)
     base = ["norms", "--widths", "64", "--norms", "dyt", "--seeds", "0,1", "--results", str(tmp_path)]
     (row,) = analyze.main(base + ["--lrs", "1e-3,2e-3,4e-3"])
@@ -259,7 +259,7 @@ def test_norms_reuse_reads_the_recorded_runs_table(tmp_path, monkeypatch):
         ran.append((spec, lr, seed))
         loss = 1 + abs(math.log2(lr / 2e-3)) + 0.01 * seed if spec == "dyt" else float("inf")
         status = "ok" if spec == "dyt" else "diverged: loss is nan"
-        return loss, {"status": status, "steps": 5, **({"val_loss": loss} if spec == "dyt" else {})}
+        return {"status": status, "steps": 5, **({"val_loss": loss} if spec == "dyt" else {})}
     monkeypatch.setattr(analyze, "gpt_run", fake_run)
     base = ["norms", "--widths", "64", "--norms", "dyt,derf", "--lrs", "1e-3,2e-3,4e-3", "--extend",
             "0", "--results", str(tmp_path)]
