@@ -237,8 +237,7 @@ def train(argv=None):
     _, signals = tc.start_run(cfg.out_dir, ckpt_path(cfg), cfg.resume)
     dist = tc.setup_distributed(cfg.device, force_group=cfg.fsdp)
     device = dist.device
-    if device.type == "cuda":
-        tc.setup_tf32()
+    tc.setup_float_math(device)
     autocast = tc.autocast_context(device, cfg.dtype)
 
     # data (rank 0 builds the default corpus cache first, the others wait)
