@@ -16,7 +16,7 @@ The API (keep these signatures stable; train_vit.py builds on them):
     teardown_distributed()
     seed_everything(seed, rank)       python/numpy/torch seeded with seed + rank
     autocast_context(dev, dtype)      bf16 autocast on CUDA, a no-op on CPU
-    setup_float_math(dev)             TF32 on CUDA; subnormals flushed to zero on CPU
+    setup_float_math(dev, flush)      TF32 on CUDA; subnormals flushed to zero on CPU
   Optimisation
     lr_at(step, cfg)                  linear warmup, cosine decay to cfg.min_lr_ratio * lr
     build_optimizer(model, cfg, dev)  AdamW on model.param_groups (fused kernel)
@@ -123,6 +123,9 @@ class TrainConfig:
         "help": "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32",
         "choices": ["auto", "bf16", "fp32"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    flush_subnormals: bool = field(default=True, metadata={
+        "help": "CPU: flush subnormal floats to zero (x86 is 10-100x slower on them); "
+                "--no-flush_subnormals keeps IEEE subnormals"})
     # optimiser and schedule (the DyT paper's LLaMA recipe by default)
     lr: float = 3e-4
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
@@ -350,7 +353,7 @@ def seed_everything(seed, rank=0):
     torch.manual_seed(s)
 
 
-def setup_float_math(device):
+def setup_float_math(device, flush_subnormals=True):
     """The float settings a training run wants on its device.
 
     CUDA: TF32 matmuls and convolutions on Ampere+ GPUs (fp32 range, 10-bit mantissa).
@@ -360,14 +363,15 @@ def setup_float_math(device):
     probabilities exp(s - max) that underflow into that range, and their gradients follow
     them through every matmul of the backward pass. Measured at nanoGPT's shape with DyT
     (README "Speed against nanoGPT"): the step grows from 1.6 to 3.3 s by step 20 without
-    the flush and stays at ~1.6 s with it. Values that small are ~0 to any loss here. The flag
-    is per thread; torch sets it on its intra-op worker threads too (tests/test_common.py).
+    the flush (--no-flush_subnormals) and stays at ~1.6 s with it. Values that small are ~0
+    to any loss here. The flag is per thread; torch sets it on its intra-op worker threads
+    too (tests/test_common.py).
     """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
-    elif device.type == "cpu":
+    elif device.type == "cpu" and flush_subnormals:
         torch.set_flush_denormal(True)  # False on a CPU without the flags (nothing to do then)
 
 

@@ -237,7 +237,7 @@ def train(argv=None):
     _, signals = tc.start_run(cfg.out_dir, ckpt_path(cfg), cfg.resume)
     dist = tc.setup_distributed(cfg.device, force_group=cfg.fsdp)
     device = dist.device
-    tc.setup_float_math(device)
+    tc.setup_float_math(device, cfg.flush_subnormals)
     autocast = tc.autocast_context(device, cfg.dtype)
 
     # data (rank 0 builds the default corpus cache first, the others wait)

@@ -255,7 +255,7 @@ def train(argv=None):
     _, signals = tc.start_run(cfg.out_dir, ckpt_path(cfg), cfg.resume)
     dist = tc.setup_distributed(cfg.device)
     device = dist.device
-    tc.setup_float_math(device)
+    tc.setup_float_math(device, cfg.flush_subnormals)
     autocast = tc.autocast_context(device, cfg.dtype)
 
     # data, and the schedule in steps

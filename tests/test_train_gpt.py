@@ -195,6 +195,13 @@ def test_default_gamma0_escapes_the_stall_that_gamma_1_cannot(tmp_path):
     assert learned < 3.05 and derf < 3.1, (learned, derf)
 
 
+def test_no_flush_subnormals_keeps_ieee_subnormals(tmp_path):
+    # the switch back to IEEE subnormals on the CPU (test_loss_falls checks the default flush)
+    torch.set_flush_denormal(False)
+    run(tmp_path, "--norm", "dyt", "--max_steps", "2", "--no-flush_subnormals")
+    assert float(torch.tensor(1e-39) * 1.0) > 0.0
+
+
 def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
     def model_for(*flags):
         cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS,
