@@ -357,12 +357,12 @@ def setup_float_math(device, flush_subnormals=True):
     """The float settings a training run wants on its device.
 
     CUDA: TF32 matmuls and convolutions on Ampere+ GPUs (fp32 range, 10-bit mantissa).
-    CPU: subnormal floats (|x| < 1.2e-38 in fp32) flushed to zero, as GPUs do by default in
-    fast math. x86 handles a subnormal operand or result in microcode, 10-100x slower than a
-    normal one, and a training run makes many: a peaked attention softmax gives
+    CPU: subnormal floats (|x| < 1.2e-38 in fp32) flushed to zero. x86 handles a subnormal
+    operand or result in microcode, 10-100x slower than a normal one, and a training run
+    makes many: a peaked attention softmax gives
     probabilities exp(s - max) that underflow into that range, and their gradients follow
     them through every matmul of the backward pass. Measured at nanoGPT's shape with DyT
-    (README "Speed against nanoGPT"): the step grows from 1.6 to 3.3 s by step 20 without
+    (README "Speed against nanoGPT"): the step grows from ~1.5 to 3.3 s by step 20 without
     the flush (--no-flush_subnormals) and stays at ~1.6 s with it. Values that small are ~0
     to any loss here. The flag is per thread; torch sets it on its intra-op worker threads
     too (tests/test_common.py).
