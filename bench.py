@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import DyT, Derf, derf_reference, dyt_reference
+from dyt import DyT, Derf, DyTFunction, derf_reference, dyt_reference
 from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, gpt_config, vit_config
 
 ROOT = Path(__file__).resolve().parent
@@ -267,6 +267,14 @@ def build_plain(kind):
     return build
 
 
+def build_function():
+    # dyt.DyTFunction: the plain ops with the hand-written backward, DyT's path off CUDA
+    def build(C, dtype, device):
+        params = random_params("dyt", C, dtype, device)
+        return (lambda x: DyTFunction.apply(x, *params)), params
+    return build
+
+
 _compiled = {}
 
 
@@ -326,6 +334,7 @@ def kernel_ops(device, bwd_stages=()):
         ("DyT fused tanh.approx", "dyt", build_fused("dyt", tanh="approx")),
         ("Derf fused (Triton)", "derf", build_fused("derf")),
         ("DyT plain", "dyt", build_plain("dyt")),
+        ("DyT autograd.Function", "dyt", build_function()),
         ("DyT compile", "dyt", build_compiled("dyt")),
         ("Derf plain", "derf", build_plain("derf")),
         ("LayerNorm", "ln", build_plain("ln")),      # F.layer_norm: PyTorch's fused kernel
@@ -870,7 +879,8 @@ def format_memory_row(r):
 # configure_optimizers; ours, train_common.build_optimizer at train_gpt.py's defaults).
 # nanoGPT's code is imported from the checkout given (--nanogpt DIR); none of it is here.
 
-NANOGPT_HEADER = "| model | median s/step | min s/step | median / nanoGPT's | min / nanoGPT's |"
+NANOGPT_HEADER = ("| model | median s/step | min s/step | median / nanoGPT's | min / nanoGPT's | "
+                  "paired: median of per-step ratios (quartiles) |")
 
 
 def bench_nanogpt(args, device):
@@ -878,6 +888,8 @@ def bench_nanogpt(args, device):
     from model import GPTConfig
     from train_common import build_optimizer
     from train_gpt import GPTTrainConfig
+    import train_common
+    train_common.setup_float_math(device)  # as both trainers do: subnormals flushed on a CPU
     path = Path(args.nanogpt) / "model.py"
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     nanogpt = importlib.util.module_from_spec(spec)
@@ -887,9 +899,16 @@ def bench_nanogpt(args, device):
     nano = nanogpt.GPT(nanogpt.GPTConfig(n_embd=384, dropout=0.0, bias=False, **shape)).to(device)
     steps = {"nanoGPT (LayerNorm, GELU MLP)": (nano, nano.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type))}
     recipe = GPTTrainConfig()  # train_gpt.py's default lr, betas and weight decay
-    for norm in ("ln", "rms", "dyt"):
-        model = GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm, **shape)).to(device)
-        steps[f"train_gpt.py's, --norm {norm}"] = (model, build_optimizer(model, recipe, device))
+    for norm in ("ln", "rms", "dyt", "dyt-autograd"):
+        model = GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm.split("-")[0], **shape))
+        model.to(device)
+        label = f"train_gpt.py's, --norm {norm}"
+        if norm == "dyt-autograd":  # DyT as autograd differentiates dyt_reference, for contrast
+            label = "train_gpt.py's, --norm dyt with autograd's DyT backward (use_kernel=False)"
+            for m in model.modules():
+                if isinstance(m, DyT):
+                    m.use_kernel = False
+        steps[label] = (model, build_optimizer(model, recipe, device))
     x = torch.randint(0, 256, (8, 256), device=device)
     y = torch.randint(0, 256, (8, 256), device=device)
     times = {name: [] for name in steps}
@@ -905,10 +924,18 @@ def bench_nanogpt(args, device):
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     base = times["nanoGPT (LayerNorm, GELU MLP)"]
-    rows = [dict(model=name, median_s=quantile(t, 0.5), min_s=min(t),
-                 median_ratio=quantile(t, 0.5) / quantile(base, 0.5), min_ratio=min(t) / min(base))
-            for name, t in times.items()]
+    rows = []
+    for name, t in times.items():
+        # Each pass times every model once, back to back: the ratio within a pass cancels
+        # most of the machine's drift (a shared VM's steal), which the medians keep.
+        paired = [a / b for a, b in zip(t, base)]
+        rows.append(dict(model=name, median_s=quantile(t, 0.5), min_s=min(t),
+                         median_ratio=quantile(t, 0.5) / quantile(base, 0.5),
+                         min_ratio=min(t) / min(base), paired_ratio=quantile(paired, 0.5),
+                         paired_ratio_p25=quantile(paired, 0.25),
+                         paired_ratio_p75=quantile(paired, 0.75)))
     note = f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns"
+    note += "; one fixed random batch; float math as in the trainers (train_common.setup_float_math)"
     if device.type == "cpu":
         note += f"; {torch.get_num_threads()} CPU threads"
     return dict(rows=rows, notes=[note], nanogpt=str(path))
@@ -916,7 +943,8 @@ def bench_nanogpt(args, device):
 
 def format_nanogpt_row(r):
     return (f"| {r['model']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['median_ratio']:.3f} | "
-            f"{r['min_ratio']:.3f} |")
+            f"{r['min_ratio']:.3f} | {r['paired_ratio']:.3f} ({r['paired_ratio_p25']:.3f}-"
+            f"{r['paired_ratio_p75']:.3f}) |")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ element-wise, so it costs one pass over the activations.
 
 This file holds
   - DyT itself (the plain PyTorch definition; on CUDA it calls the fused Triton kernel from
-    kernel.py, which computes exactly the same function),
+    kernel.py, which computes exactly the same function, and elsewhere DyTFunction: the
+    definition's ops with a hand-written, shorter backward),
   - Derf: gamma * erf(alpha * x + s) + beta, with a learnable scalar shift s ("Stronger
     Normalization-Free Transformers", Chen, Lu, Zhu, Sun, Liu, 2025); on CUDA it calls the
     same fused kernel with erf in place of tanh,
@@ -48,7 +49,7 @@ class DyT(nn.Module):
         self.alpha = nn.Parameter(torch.empty(1))
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-        self.use_kernel = True  # set False to force the plain PyTorch path (benchmarks, tests)
+        self.use_kernel = True  # False: always dyt_reference, under autograd (benchmarks, tests)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -58,9 +59,12 @@ class DyT(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        if self.use_kernel and self.channels_last and x.is_cuda and x.dtype in _KERNEL_DTYPES:
-            import kernel  # the fused Triton kernel: same function, one pass over memory
-            return kernel.dyt(x, self.alpha, self.weight, self.bias)
+        if self.use_kernel and self.channels_last and self.alpha.numel() == 1:
+            if x.is_cuda and x.dtype in _KERNEL_DTYPES:
+                import kernel  # the fused Triton kernel: same function, one pass over memory
+                return kernel.dyt(x, self.alpha, self.weight, self.bias)
+            # elsewhere (the CPU): the same ops, with a hand-written backward
+            return DyTFunction.apply(x, self.alpha, self.weight, self.bias)
         return dyt_reference(x, self.alpha, self.weight, self.bias, self.channels_last)
 
     def extra_repr(self):
@@ -77,6 +81,51 @@ def dyt_reference(x, alpha, weight, bias=None, channels_last=True):
         bias = bias.view(shape) if bias is not None else None
     y = weight * torch.tanh(alpha * x)
     return y + bias if bias is not None else y
+
+
+class DyTFunction(torch.autograd.Function):
+    """dyt_reference for tokens [..., C] and a scalar alpha, with a hand-written backward:
+    the forward's ops and values are dyt_reference's, and in fp32 the gradients are bitwise
+    those autograd computes from it (tests/test_dyt.py). What differs is memory traffic: tanh and
+    its gradient run in place on temporaries, dx is written into dL/dz's buffer and u x into
+    g t's, where autograd's graph allocates a fresh tensor for every op; on a CPU a pass that
+    writes fresh memory costs ~3x one that rewrites a buffer just used. `python bench.py
+    --device cpu` (results/bench_cpu.md, 1 thread, fp32 fwd+bwd): 8.6 ms instead of 10.6 at
+    8x197x768, 16.9 instead of 25.5 at 512x4096 (torch's fused LayerNorm: 4.9 and 6.6); in
+    bf16 1-9% faster. Saved for backward: x and t = tanh(alpha x), as autograd saves.
+
+    With z = alpha x, t = tanh(z), y = gamma t + beta, and g = dL/dy:
+        dL/dgamma = sum over tokens of g t,        dL/dbeta = sum over tokens of g,
+        u = dL/dz = g gamma (1 - t^2)              (aten's tanh_backward(g gamma, t), one pass),
+        dL/dx = alpha u,                           dL/dalpha = sum over all elements of u x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias):
+        t = (alpha * x).tanh_()  # in place on the temporary: one buffer fewer
+        ctx.save_for_backward(x, alpha, weight, t)
+        ctx.has_bias = bias is not None
+        y = weight * t
+        return y.add_(bias) if bias is not None else y  # in place: the same rounding as y + bias
+
+    @staticmethod
+    def backward(ctx, g):
+        x, alpha, weight, t = ctx.saved_tensors
+        need_x, need_alpha, need_weight, need_bias = ctx.needs_input_grad
+        C = g.shape[-1]
+        gt = g * t if need_weight else None
+        g_weight = gt.reshape(-1, C).sum(0) if need_weight else None
+        g_bias = g.reshape(-1, C).sum(0) if ctx.has_bias and need_bias else None
+        g_x = g_alpha = None
+        if need_x or need_alpha:
+            gw = g * weight
+            u = torch.ops.aten.tanh_backward.grad_input(gw, t, grad_input=gw)  # into gw
+            if need_alpha:  # not torch.dot: 2x faster, but it adds in fp32 20x less exactly
+                ux = torch.mul(u, x, out=gt) if gt is not None and gt.dtype == u.dtype else u * x
+                g_alpha = ux.sum().reshape(1).to(alpha.dtype)
+            if need_x:
+                g_x = u.mul_(alpha).to(x.dtype)
+        return g_x, g_alpha, g_weight, g_bias
 
 
 class Derf(nn.Module):
