@@ -260,18 +260,12 @@ def kernel_options(fn):
 build_fused_dyt = build_fused("dyt")
 
 
-def build_plain(kind):
+def build_plain(kind, fn=None):
+    # fn(x, *params): another eager implementation of the kind; default its reference
     def build(C, dtype, device):
         params = random_params(kind, C, dtype, device)
-        return (lambda x: reference(kind, x, params)), params
-    return build
-
-
-def build_function():
-    # dyt.DyTFunction: the plain ops with the hand-written backward, DyT's path off CUDA
-    def build(C, dtype, device):
-        params = random_params("dyt", C, dtype, device)
-        return (lambda x: DyTFunction.apply(x, *params)), params
+        call = fn or (lambda x, *p: reference(kind, x, p))
+        return (lambda x: call(x, *params)), params
     return build
 
 
@@ -334,7 +328,7 @@ def kernel_ops(device, bwd_stages=()):
         ("DyT fused tanh.approx", "dyt", build_fused("dyt", tanh="approx")),
         ("Derf fused (Triton)", "derf", build_fused("derf")),
         ("DyT plain", "dyt", build_plain("dyt")),
-        ("DyT autograd.Function", "dyt", build_function()),
+        ("DyT autograd.Function", "dyt", build_plain("dyt", DyTFunction.apply)),  # DyT off CUDA
         ("DyT compile", "dyt", build_compiled("dyt")),
         ("Derf plain", "derf", build_plain("derf")),
         ("LayerNorm", "ln", build_plain("ln")),      # F.layer_norm: PyTorch's fused kernel
@@ -886,10 +880,9 @@ NANOGPT_HEADER = ("| model | median s/step | min s/step | median / nanoGPT's | m
 def bench_nanogpt(args, device):
     import importlib.util
     from model import GPTConfig
-    from train_common import build_optimizer
+    from train_common import build_optimizer, setup_float_math
     from train_gpt import GPTTrainConfig
-    import train_common
-    train_common.setup_float_math(device)  # as both trainers do: subnormals flushed on a CPU
+    setup_float_math(device)  # as both trainers do: subnormals flushed on a CPU
     path = Path(args.nanogpt) / "model.py"
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     nanogpt = importlib.util.module_from_spec(spec)
@@ -899,16 +892,16 @@ def bench_nanogpt(args, device):
     nano = nanogpt.GPT(nanogpt.GPTConfig(n_embd=384, dropout=0.0, bias=False, **shape)).to(device)
     steps = {"nanoGPT (LayerNorm, GELU MLP)": (nano, nano.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type))}
     recipe = GPTTrainConfig()  # train_gpt.py's default lr, betas and weight decay
-    for norm in ("ln", "rms", "dyt", "dyt-autograd"):
-        model = GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm.split("-")[0], **shape))
-        model.to(device)
-        label = f"train_gpt.py's, --norm {norm}"
-        if norm == "dyt-autograd":  # DyT as autograd differentiates dyt_reference, for contrast
-            label = "train_gpt.py's, --norm dyt with autograd's DyT backward (use_kernel=False)"
-            for m in model.modules():
-                if isinstance(m, DyT):
-                    m.use_kernel = False
-        steps[label] = (model, build_optimizer(model, recipe, device))
+    # the last row: DyT as autograd differentiates dyt_reference, for contrast
+    for label, norm, use_kernel in [("--norm ln", "ln", True), ("--norm rms", "rms", True),
+                                    ("--norm dyt", "dyt", True),
+                                    ("--norm dyt with autograd's DyT backward (use_kernel=False)",
+                                     "dyt", False)]:
+        model = GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm, **shape)).to(device)
+        for m in model.modules():
+            if isinstance(m, DyT):
+                m.use_kernel = use_kernel
+        steps[f"train_gpt.py's, {label}"] = (model, build_optimizer(model, recipe, device))
     x = torch.randint(0, 256, (8, 256), device=device)
     y = torch.randint(0, 256, (8, 256), device=device)
     times = {name: [] for name in steps}

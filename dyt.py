@@ -11,7 +11,7 @@ element-wise, so it costs one pass over the activations.
 This file holds
   - DyT itself (the plain PyTorch definition; on CUDA it calls the fused Triton kernel from
     kernel.py, which computes exactly the same function, and elsewhere DyTFunction: the
-    definition's ops with a hand-written, shorter backward),
+    definition's ops with a hand-written backward that reuses its buffers),
   - Derf: gamma * erf(alpha * x + s) + beta, with a learnable scalar shift s ("Stronger
     Normalization-Free Transformers", Chen, Lu, Zhu, Sun, Liu, 2025); on CUDA it calls the
     same fused kernel with erf in place of tanh,

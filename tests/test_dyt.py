@@ -247,9 +247,9 @@ def test_dyt_function_gradcheck_float64(bias):
 
 
 def test_dyt_function_equals_autograd_of_the_definition_fp32():
-    """The CPU path computes what autograd computes from dyt_reference: the same output and
-    dx, dgamma and dbeta bitwise (the same ops in the same order); dalpha, one sum over every
-    element, to a sum's rounding (a dot product adds in another order)."""
+    """The CPU path computes what autograd computes from dyt_reference, bitwise: the output
+    and dx, dgamma, dbeta and dalpha (the same ops in the same order, only into reused
+    buffers)."""
     torch.manual_seed(6)
     x = torch.randn(4, 33, 48) * 3
     g = torch.randn(4, 33, 48)
@@ -264,9 +264,8 @@ def test_dyt_function_equals_autograd_of_the_definition_fp32():
         grads.append((y.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone(),
                       layer.alpha.grad.clone()))
     fast, ref = grads
-    for a, b in zip(fast[:4], ref[:4]):
+    for a, b in zip(fast, ref):
         assert torch.equal(a, b)
-    torch.testing.assert_close(fast[4], ref[4], rtol=0, atol=0)
 
 
 def test_dyt_function_mixed_dtypes_and_frozen_inputs():
