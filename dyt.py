@@ -14,7 +14,7 @@ This file holds
     definition's ops with a hand-written backward that reuses its buffers),
   - Derf: gamma * erf(alpha * x + s) + beta, with a learnable scalar shift s ("Stronger
     Normalization-Free Transformers", Chen, Lu, Zhu, Sun, Liu, 2025); on CUDA it calls the
-    same fused kernel with erf in place of tanh,
+    same fused kernel with erf in place of tanh, elsewhere DerfFunction (as DyTFunction),
   - DynamicSquash: the same layer with another squashing function or alpha shape, for the
     ablations of the DyT paper (Tables 8-9) and of the ViT study (Table 5, section 5),
   - make_norm(name, dim, alpha0): one factory for every layer, used by the models and by
@@ -90,9 +90,10 @@ class DyTFunction(torch.autograd.Function):
     its gradient run in place on temporaries, dx is written into dL/dz's buffer and u x into
     g t's, where autograd's graph allocates a fresh tensor for every op; on a CPU a pass that
     writes fresh memory costs ~3x one that rewrites a buffer just used. `python bench.py
-    --device cpu` (results/bench_cpu.md, 1 thread, fp32 fwd+bwd): 8.6 ms instead of 10.6 at
-    8x197x768, 16.9 instead of 25.5 at 512x4096 (torch's fused LayerNorm: 4.9 and 6.6); in
-    bf16 1-9% faster. Saved for backward: x and t = tanh(alpha x), as autograd saves.
+    --device cpu` (results/bench_cpu.md, 1 thread, fp32 fwd+bwd): 8-34% less time than
+    autograd's graph over the shapes and runs of 2026-12-03, e.g. 6.9 ms instead of 8.7 at
+    2048x384 (torch's fused LayerNorm: 2.4); in bf16 a few percent. Saved for backward: x and
+    t = tanh(alpha x), as autograd saves.
 
     With z = alpha x, t = tanh(z), y = gamma t + beta, and g = dL/dy:
         dL/dgamma = sum over tokens of g t,        dL/dbeta = sum over tokens of g,
@@ -157,9 +158,11 @@ class Derf(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        if self.use_kernel and self.channels_last and x.is_cuda and x.dtype in _KERNEL_DTYPES:
-            import kernel  # the same fused Triton kernel as DyT's, with erf and the shift
-            return kernel.derf(x, self.alpha, self.shift, self.weight, self.bias)
+        if self.use_kernel and self.channels_last:
+            if x.is_cuda and x.dtype in _KERNEL_DTYPES:
+                import kernel  # the same fused Triton kernel as DyT's, with erf and the shift
+                return kernel.derf(x, self.alpha, self.shift, self.weight, self.bias)
+            return DerfFunction.apply(x, self.alpha, self.shift, self.weight, self.bias)
         return derf_reference(x, self.alpha, self.shift, self.weight, self.bias, self.channels_last)
 
     def extra_repr(self):
@@ -175,6 +178,50 @@ def derf_reference(x, alpha, shift, weight, bias=None, channels_last=True):
         bias = bias.view(shape) if bias is not None else None
     y = weight * torch.erf(alpha * x + shift)
     return y + bias if bias is not None else y
+
+
+class DerfFunction(torch.autograd.Function):
+    """derf_reference for tokens [..., C] (alpha and shift scalars) with a hand-written
+    backward, as DyTFunction is for DyT: the same ops in the same order, so that in fp32 the
+    output and every gradient are bitwise autograd's (tests/test_dyt.py), with the
+    temporaries rewritten in place instead of a fresh tensor for every op.
+
+    With z = alpha x + s, e = erf(z), y = gamma e + beta, and g = dL/dy:
+        dL/dgamma = sum over tokens of g e,        dL/dbeta = sum over tokens of g,
+        u = dL/dz = (2/sqrt(pi)) exp(-z^2) (g gamma)   (autograd's formula for erf, its order),
+        dL/dx = alpha u,   dL/dalpha = sum of u x,   dL/ds = sum of u.
+    Saved for backward: x and e. z is recomputed from x (the same two ops, so the same bits),
+    where autograd's graph keeps it as well: one activation fewer held from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, shift, weight, bias):
+        e = (alpha * x).add_(shift).erf_()  # z, then e, in one buffer
+        ctx.save_for_backward(x, alpha, shift, weight, e)
+        ctx.has_bias = bias is not None
+        y = weight * e
+        return y.add_(bias) if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, alpha, shift, weight, e = ctx.saved_tensors
+        need_x, need_alpha, need_shift, need_weight, need_bias = ctx.needs_input_grad
+        C = g.shape[-1]
+        g_weight = (g * e).reshape(-1, C).sum(0) if need_weight else None
+        g_bias = g.reshape(-1, C).sum(0) if ctx.has_bias and need_bias else None
+        g_x = g_alpha = g_shift = None
+        if need_x or need_alpha or need_shift:
+            ge = g * weight  # dL/de
+            u = (alpha * x).add_(shift)  # z again
+            u.square_().neg_().exp_().mul_(2 / math.sqrt(math.pi)).mul_(ge)  # erf'(z) dL/de
+            if need_shift:
+                g_shift = u.sum().reshape(1).to(shift.dtype)
+            if need_alpha:
+                ux = torch.mul(u, x, out=ge) if ge.dtype == u.dtype else u * x  # into ge
+                g_alpha = ux.sum().reshape(1).to(alpha.dtype)
+            if need_x:
+                g_x = u.mul_(alpha).to(x.dtype)
+        return g_x, g_alpha, g_shift, g_weight, g_bias
 
 
 # ---------------------------------------------------------------------------------------------

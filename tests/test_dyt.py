@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import (Derf, DyT, DyTFunction, DynamicSquash, NORMS, SQUASH, convert_to_dyt, dyt_reference,
-                 make_norm)
+from dyt import (Derf, DerfFunction, DyT, DyTFunction, DynamicSquash, NORMS, SQUASH, convert_to_dyt,
+                 derf_reference, dyt_reference, make_norm)
 
 
 def squash_reference(name, z):
@@ -234,7 +234,8 @@ def test_convert_to_derf_with_gamma0():
     assert torch.equal(kept[0].weight, torch.full((6,), 0.7))
 
 
-# DyTFunction: DyT's path off CUDA, the definition's ops with a hand-written backward.
+# DyTFunction and DerfFunction: the path off CUDA, the definition's ops with a hand-written
+# backward.
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_dyt_function_gradcheck_float64(bias):
@@ -246,14 +247,33 @@ def test_dyt_function_gradcheck_float64(bias):
     assert torch.autograd.gradcheck(DyTFunction.apply, (x.detach().requires_grad_(), alpha, weight, beta))
 
 
-def test_dyt_function_equals_autograd_of_the_definition_fp32():
-    """The CPU path computes what autograd computes from dyt_reference, bitwise: the output
-    and dx, dgamma, dbeta and dalpha (the same ops in the same order, only into reused
-    buffers)."""
+def test_derf_function_gradcheck_float64():
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True) * 2
+    alpha = torch.full((1,), 0.7, dtype=torch.float64, requires_grad=True)
+    shift = torch.full((1,), -0.2, dtype=torch.float64, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()
+    for beta in (None, (0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()):
+        assert torch.autograd.gradcheck(DerfFunction.apply,
+                                        (x.detach().requires_grad_(), alpha, shift, weight, beta))
+
+
+def plain(layer, x):
+    """The layer's definition, under autograd."""
+    if isinstance(layer, Derf):
+        return derf_reference(x, layer.alpha, layer.shift, layer.weight, layer.bias)
+    return dyt_reference(x, layer.alpha, layer.weight, layer.bias)
+
+
+@pytest.mark.parametrize("cls", [DyT, Derf])
+def test_cpu_function_equals_autograd_of_the_definition_fp32(cls):
+    """The CPU path (DyTFunction, DerfFunction) computes what autograd computes from the
+    definition, bitwise: the output and every gradient (the same ops in the same order, only
+    into reused buffers)."""
     torch.manual_seed(6)
     x = torch.randn(4, 33, 48) * 3
     g = torch.randn(4, 33, 48)
-    layer = randomise(DyT(48, alpha0=0.8))
+    layer = randomise(cls(48, alpha0=0.8))
     grads = []
     for use_kernel in (True, False):
         layer.use_kernel = use_kernel
@@ -261,42 +281,44 @@ def test_dyt_function_equals_autograd_of_the_definition_fp32():
         xi = x.clone().requires_grad_()
         y = layer(xi)
         y.backward(g)
-        grads.append((y.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone(),
-                      layer.alpha.grad.clone()))
+        grads.append([y.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
     fast, ref = grads
+    assert len(fast) == len(list(layer.parameters())) + 2
     for a, b in zip(fast, ref):
         assert torch.equal(a, b)
 
 
-def test_dyt_function_mixed_dtypes_and_frozen_inputs():
-    """bf16 activations with fp32 parameters (CPU autocast leaves DyT's ops alone) give each
+@pytest.mark.parametrize("cls", [DyT, Derf])
+def test_cpu_function_mixed_dtypes_and_frozen_inputs(cls):
+    """bf16 activations with fp32 parameters (CPU autocast leaves these ops alone) give each
     gradient in its input's dtype, and inputs that need no gradient get none."""
     torch.manual_seed(7)
     x = (torch.randn(5, 16) * 2).bfloat16().requires_grad_()
-    layer = randomise(DyT(16, bias=False))
+    layer = randomise(cls(16, bias=False))
     layer(x).float().square().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and layer.alpha.grad.dtype == torch.float32
     x64 = x.detach().double().requires_grad_()
-    ref = layer.double()
-    dyt_reference(x64, ref.alpha, ref.weight).square().sum().backward()
+    plain(layer.double(), x64).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=1e-2)
-    layer = randomise(DyT(16))
+    layer = randomise(cls(16))
     layer.weight.requires_grad_(False)
     xf = torch.randn(3, 16)  # no grad wanted for x
     layer(xf).sum().backward()
     assert layer.weight.grad is None and layer.alpha.grad is not None and layer.bias.grad is not None
 
 
-def test_dyt_function_traces_under_torch_compile():
-    """--compile on a CPU traces DyTFunction (its in-place and out= ops) in one graph."""
+@pytest.mark.parametrize("cls", [DyT, Derf])
+def test_cpu_function_traces_under_torch_compile(cls):
+    """--compile on a CPU traces DyTFunction and DerfFunction (in-place and out= ops) in one
+    graph."""
     torch.manual_seed(8)
-    layer = randomise(DyT(16))
+    layer = randomise(cls(16))
     x = torch.randn(4, 16, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     compiled(x).square().sum().backward()
-    got = (x.grad.clone(), layer.alpha.grad.clone(), layer.weight.grad.clone())
+    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
     x.grad = None
     layer.zero_grad()
-    dyt_reference(x, layer.alpha, layer.weight, layer.bias).square().sum().backward()
-    for a, b in zip(got, (x.grad, layer.alpha.grad, layer.weight.grad)):
+    plain(layer, x).square().sum().backward()
+    for a, b in zip(got, [x.grad] + [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(a, b)
