@@ -5,7 +5,7 @@ Four modes:
 
   python bench.py            kernel level: one layer at a time, forward and forward+backward,
                              bf16 and fp32, at LLaMA-7B and ViT-B activation shapes and over a
-                             sweep of channel counts.
+                             sweep of channel counts (on a CPU also at the GPT shape of --nanogpt).
   python bench.py --model    the DyT paper's Table 7: LLaMA 7B in bf16, one 4096-token sequence,
                              100 forward and 100 forward+backward passes, with RMSNorm, fused DyT
                              and plain DyT; the time of the whole model and of the norm layers.
@@ -60,8 +60,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import DyT, Derf, DyTFunction, derf_reference, dyt_reference
-from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, gpt_config, vit_config
+from dyt import DyT, Derf, DerfFunction, DyTFunction, derf_reference, dyt_reference
+from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, apply_rope, gpt_config, vit_config
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -331,6 +331,7 @@ def kernel_ops(device, bwd_stages=()):
         ("DyT autograd.Function", "dyt", build_plain("dyt", DyTFunction.apply)),  # DyT off CUDA
         ("DyT compile", "dyt", build_compiled("dyt")),
         ("Derf plain", "derf", build_plain("derf")),
+        ("Derf autograd.Function", "derf", build_plain("derf", DerfFunction.apply)),  # off CUDA
         ("LayerNorm", "ln", build_plain("ln")),      # F.layer_norm: PyTorch's fused kernel
         ("RMSNorm", "rms", build_plain("rms")),      # F.rms_norm: fused on CUDA
     ]
@@ -358,12 +359,14 @@ def shape_sets(device, vit_batch, only, full=False):
             "llama7b": [(4096, 4096)] + ([(8, 4096, 4096)] if full else []),  # 1 (8) sequences
             "vit_b": [(vit_batch, 197, 768)],                    # 196 patches + class token
             "sweep": [(2 ** 25 // C, C) for C in (256, 512, 768, 1024, 2048, 4096, 8192, 16384)],
+            "gpt": [(8 * 256, 384)],
         }
     else:
         sets = {
             "llama7b": [(512, 4096)],                            # 512 tokens at LLaMA-7B width
             "vit_b": [(min(vit_batch, 8), 197, 768)],
             "sweep": [(2 ** 20 // C, C) for C in (256, 4096)],
+            "gpt": [(8 * 256, 384)],  # bench --nanogpt's (and README's) shape: 8 x 256 tokens, 384 wide
         }
     return {k: v for k, v in sets.items() if k in only}
 
@@ -877,6 +880,58 @@ NANOGPT_HEADER = ("| model | median s/step | min s/step | median / nanoGPT's | m
                   "paired: median of per-step ratios (quartiles) |")
 
 
+# Attribution rows: train_gpt.py's LayerNorm model with parts of its LLaMA block swapped for
+# GPT-2's, to see where the time between the two models goes. None of these is a model the
+# trainer builds (no RoPE means no position information at all); they are for timing only.
+
+class GELUMLP(nn.Module):
+    """GPT-2's MLP, as nanoGPT's: dim -> 4 dim, exact GELU, -> dim; no bias."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.up = nn.Linear(dim, 4 * dim, bias=False)
+        self.down = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class AblatedAttention(nn.Module):
+    """model.GPTAttention (full heads) with RoPE optional and q, k, v from one matrix or three."""
+
+    def __init__(self, dim, n_head, rope, one_matrix):
+        super().__init__()
+        self.n_head, self.head_dim, self.rope = n_head, dim // n_head, rope
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False) if one_matrix else None
+        if not one_matrix:
+            self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        heads = (B, T, self.n_head, self.head_dim)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        else:
+            q, k, v = (w(x).view(heads) for w in (self.wq, self.wk, self.wv))
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+def gpt2_parts(model, gelu_mlp=False, rope=True, one_qkv=False):
+    """Swap the blocks' SwiGLU for GPT-2's GELU MLP and/or their attention for AblatedAttention."""
+    dim, n_head = model.cfg.dim, model.cfg.n_head
+    for block in model.blocks:
+        if gelu_mlp:
+            block.mlp = GELUMLP(dim)
+        if not rope or one_qkv:
+            block.attn = AblatedAttention(dim, n_head, rope, one_qkv)
+    return model
+
+
 def bench_nanogpt(args, device):
     import importlib.util
     from model import GPTConfig
@@ -902,11 +957,21 @@ def bench_nanogpt(args, device):
             if isinstance(m, DyT):
                 m.use_kernel = use_kernel
         steps[f"train_gpt.py's, {label}"] = (model, build_optimizer(model, recipe, device))
+    for label, parts in [("GELU MLP in place of SwiGLU", dict(gelu_mlp=True)),
+                         ("no RoPE", dict(rope=False)),
+                         ("GELU MLP, no RoPE, one qkv matrix (GPT-2's block)",
+                          dict(gelu_mlp=True, rope=False, one_qkv=True))]:
+        model = gpt2_parts(GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm="ln", **shape)), **parts)
+        model.to(device)
+        steps[f"attribution: --norm ln, {label}"] = (model, build_optimizer(model, recipe, device))
     x = torch.randint(0, 256, (8, 256), device=device)
     y = torch.randint(0, 256, (8, 256), device=device)
     times = {name: [] for name in steps}
+    order = list(steps.items())
     for i in range(args.warmup + args.passes):
-        for name, (model, opt) in steps.items():
+        # the order rotates each pass, so that no model always runs first (or last): the
+        # position in a pass costs a few percent on a drifting machine
+        for name, (model, opt) in order[i % len(order):] + order[:i % len(order)]:
             synchronize(device)
             t0 = time.perf_counter()
             _, loss = model(x, y)
@@ -927,7 +992,8 @@ def bench_nanogpt(args, device):
                          min_ratio=min(t) / min(base), paired_ratio=quantile(paired, 0.5),
                          paired_ratio_p25=quantile(paired, 0.25),
                          paired_ratio_p75=quantile(paired, 0.75)))
-    note = f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns"
+    note = (f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns "
+            "in an order that rotates each pass")
     note += "; one fixed random batch; float math as in the trainers (train_common.setup_float_math)"
     if device.type == "cpu":
         note += f"; {torch.get_num_threads()} CPU threads"
@@ -1016,8 +1082,8 @@ def parse_args(argv=None):
                         "numbers are in results/: pass --out results to replace them)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtypes", default="bf16,fp32", help="kernel level: comma list of bf16, fp32, fp16")
-    p.add_argument("--only", default=None, help="kernel level: comma list of llama7b, vit_b, sweep "
-                   "(default: llama7b,vit_b on a GPU, all three on a CPU)")
+    p.add_argument("--only", default=None, help="kernel level: comma list of llama7b, vit_b, sweep, gpt "
+                   "(default: llama7b,vit_b on a GPU, all four on a CPU)")
     p.add_argument("--full", action="store_true", help="kernel level on a GPU: also 8x4096x4096, the "
                    "channel sweep and ViT-B in fp32 (longer than the default's ~5 minutes)")
     p.add_argument("--bwd-stages", default="", help="kernel level: also time the fused DyT with these "
@@ -1042,7 +1108,7 @@ def parse_args(argv=None):
     args.only_given = args.only is not None
     if args.only is None:
         gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-        args.only = "llama7b,vit_b" + ("" if gpu and not args.full else ",sweep")
+        args.only = "llama7b,vit_b" + ("" if gpu and not args.full else ",sweep,gpt")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     try:
         args.bwd_stages = [int(v) for v in args.bwd_stages.split(",") if v.strip()]
@@ -1052,8 +1118,8 @@ def parse_args(argv=None):
         p.error("--bwd-stages: each depth from 1 to 4")
     if not args.dtypes or any(d not in DTYPES for d in args.dtypes):
         p.error(f"--dtypes {','.join(args.dtypes)!s}: choose from {', '.join(DTYPES)}")
-    if not args.only or any(s not in ("llama7b", "vit_b", "sweep") for s in args.only):
-        p.error(f"--only {','.join(args.only)}: choose from llama7b, vit_b, sweep")
+    if not args.only or any(s not in ("llama7b", "vit_b", "sweep", "gpt") for s in args.only):
+        p.error(f"--only {','.join(args.only)}: choose from llama7b, vit_b, sweep, gpt")
     if args.model_dtype is not None and args.model_dtype not in ("bf16", "fp32"):
         p.error(f"--model-dtype {args.model_dtype}: choose bf16 or fp32")
     if args.preset is not None and args.preset not in GPT_PRESETS:

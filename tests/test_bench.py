@@ -105,7 +105,7 @@ def test_cpu_mode_writes_results(tmp_path):
     assert env["device"].startswith("CPU") and env["torch"] == torch.__version__ and env["date"]
     assert result["copy_gbps"] > 0
     rows = result["rows"]
-    assert {r["set"] for r in rows} == {"llama7b", "vit_b", "sweep"}
+    assert {r["set"] for r in rows} == {"llama7b", "vit_b", "sweep", "gpt"}
     assert {r["direction"] for r in rows} == {"fwd", "fwd+bwd"}
     timed = [r for r in rows if "ms" in r]
     assert {r["op"] for r in timed} >= {"DyT plain", "DyT compile", "LayerNorm", "RMSNorm"}
@@ -123,7 +123,7 @@ def test_cpu_mode_writes_results(tmp_path):
             want = {"dx", "dweight"} | ({"dalpha", "dbias"} if r["op"].startswith("DyT") else set())
             want |= {"dshift"} if r["op"].startswith("Derf") else set()
             assert want <= set(r["rel_errs"]), (r["op"], r["rel_errs"])
-    assert {r["op"] for r in timed} >= {"Derf plain"}
+    assert {r["op"] for r in timed} >= {"Derf plain", "DyT autograd.Function", "Derf autograd.Function"}
     # the copy ceiling at the layer's own size beside the large one
     assert result["copy_gbps_layer_size"] and all(v > 0 for v in result["copy_gbps_layer_size"].values())
     assert all(r["pct_copy"] > 0 and r["pct_copy_1gib"] > 0 for r in timed)
@@ -157,3 +157,26 @@ def test_bad_flags_give_one_line(flags, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench.py: error:"), proc.stderr
+
+
+def test_nanogpt_attribution_models_swap_only_what_they_say():
+    """--nanogpt's attribution rows: AblatedAttention with RoPE and three matrices is
+    model.GPTAttention (same weights, same output), and GPT-2's block (GELU MLP, one qkv matrix)
+    has nanoGPT's 12 dim^2 weights a block."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(dim=32, n_layer=2, n_head=4, n_kv_head=4, ffn_dim=64, block_size=16, vocab_size=40, norm="ln")
+    ours = GPT(cfg)
+    same = GPT(cfg)
+    for block in same.blocks:
+        block.attn = bench.AblatedAttention(32, 4, rope=True, one_matrix=False)
+    same.load_state_dict(ours.state_dict())  # the same names and shapes
+    idx = torch.randint(0, 40, (2, 16))
+    torch.testing.assert_close(same(idx)[0], ours(idx)[0], rtol=0, atol=0)
+    gpt2 = bench.gpt2_parts(GPT(cfg), gelu_mlp=True, rope=False, one_qkv=True)
+    block_weights = sum(p.numel() for p in gpt2.blocks[0].parameters() if p.dim() == 2)
+    assert block_weights == 12 * 32 ** 2
+    assert torch.isfinite(gpt2(idx, idx)[1])
+    without_rope = bench.gpt2_parts(GPT(cfg), rope=False)
+    without_rope.load_state_dict(ours.state_dict())
+    assert not torch.allclose(without_rope(idx)[0], ours(idx)[0])  # RoPE did something
