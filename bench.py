@@ -964,6 +964,8 @@ def bench_nanogpt(args, device):
         model = gpt2_parts(GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm="ln", **shape)), **parts)
         model.to(device)
         steps[f"attribution: --norm ln, {label}"] = (model, build_optimizer(model, recipe, device))
+    if args.compile:  # the module is compiled, the optimizer step stays eager as in the trainers
+        steps = {name: (torch.compile(model), opt) for name, (model, opt) in steps.items()}
     x = torch.randint(0, 256, (8, 256), device=device)
     y = torch.randint(0, 256, (8, 256), device=device)
     times = {name: [] for name in steps}
@@ -997,7 +999,9 @@ def bench_nanogpt(args, device):
     note += "; one fixed random batch; float math as in the trainers (train_common.setup_float_math)"
     if device.type == "cpu":
         note += f"; {torch.get_num_threads()} CPU threads"
-    return dict(rows=rows, notes=[note], nanogpt=str(path))
+    if args.compile:
+        note += "; every model under torch.compile (inductor), the optimizers eager"
+    return dict(rows=rows, notes=[note], nanogpt=str(path), compile=args.compile)
 
 
 def format_nanogpt_row(r):
@@ -1096,7 +1100,9 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=None, help="--model: sequence length (default: the preset's block size)")
     p.add_argument("--passes", type=int, default=None, help="--model: timed passes of each kind "
                    "(default 100); --nanogpt: timed steps of each model (default 12)")
-    p.add_argument("--warmup", type=int, default=3, help="--model: untimed passes first")
+    p.add_argument("--warmup", type=int, default=3, help="--model, --nanogpt: untimed passes first")
+    p.add_argument("--compile", action="store_true", help="--nanogpt: torch.compile every model "
+                   "(inductor; on a CPU it needs a C++ compiler; the untimed steps absorb compilation)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: on a small shared machine more threads than free "
                         "cores turns timings into scheduler noise)")
@@ -1129,6 +1135,8 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.seq is not None and args.seq < 1):
         p.error("--warmup must be >= 0 and --seq >= 1")
+    if args.compile and args.nanogpt is None:
+        p.error("--compile applies to --nanogpt only (the kernel level has its own compiled rows)")
     if args.nanogpt is not None and not (Path(args.nanogpt) / "model.py").is_file():
         p.error(f"--nanogpt {args.nanogpt}: no model.py there; give a checkout of "
                 "github.com/karpathy/nanoGPT")
@@ -1175,8 +1183,10 @@ def main(argv=None):
     elif args.nanogpt:
         result = bench_nanogpt(args, device)
         lines = [format_nanogpt_row(r) for r in result["rows"]]
-        title = f"A training step at nanoGPT's shape, nanoGPT's model against ours, on {'CPU' if tag == 'cpu' else env['device']}"
-        paths = write_results(out, f"bench_nanogpt_{tag}", env, result, NANOGPT_HEADER, lines, title)
+        title = (f"A training step at nanoGPT's shape, nanoGPT's model against ours, "
+                 f"{'compiled, ' if args.compile else ''}on {'CPU' if tag == 'cpu' else env['device']}")
+        stem = f"bench_nanogpt_{'compile_' if args.compile else ''}{tag}"
+        paths = write_results(out, stem, env, result, NANOGPT_HEADER, lines, title)
         header = NANOGPT_HEADER
     elif args.memory:
         result = bench_memory(args, device)

@@ -151,7 +151,7 @@ def test_model_mode_tiny_on_cpu(tmp_path):
 @pytest.mark.parametrize("flags", [["--bogus"], ["--dtypes", "fp8"], ["--only", "resnet"],
                                    ["--model", "--memory"], ["--preset", "gpt5"], ["--passes", "0"],
                                    ["--bwd-stages", "x"], ["--bwd-stages", "9"],
-                                   ["--nanogpt", "/nonexistent"]])
+                                   ["--nanogpt", "/nonexistent"], ["--compile"]])
 def test_bad_flags_give_one_line(flags, tmp_path):
     proc, _ = run_bench(flags, tmp_path, timeout=60)
     assert proc.returncode == 2
