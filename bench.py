@@ -947,12 +947,13 @@ def bench_nanogpt(args, device):
     nano = nanogpt.GPT(nanogpt.GPTConfig(n_embd=384, dropout=0.0, bias=False, **shape)).to(device)
     steps = {"nanoGPT (LayerNorm, GELU MLP)": (nano, nano.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type))}
     recipe = GPTTrainConfig()  # train_gpt.py's default lr, betas and weight decay
+    ours = lambda norm: GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm, **shape))
     # the last row: DyT as autograd differentiates dyt_reference, for contrast
     for label, norm, use_kernel in [("--norm ln", "ln", True), ("--norm rms", "rms", True),
                                     ("--norm dyt", "dyt", True),
                                     ("--norm dyt with autograd's DyT backward (use_kernel=False)",
                                      "dyt", False)]:
-        model = GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm, **shape)).to(device)
+        model = ours(norm).to(device)
         for m in model.modules():
             if isinstance(m, DyT):
                 m.use_kernel = use_kernel
@@ -961,8 +962,7 @@ def bench_nanogpt(args, device):
                          ("no RoPE", dict(rope=False)),
                          ("GELU MLP, no RoPE, one qkv matrix (GPT-2's block)",
                           dict(gelu_mlp=True, rope=False, one_qkv=True))]:
-        model = gpt2_parts(GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm="ln", **shape)), **parts)
-        model.to(device)
+        model = gpt2_parts(ours("ln"), **parts).to(device)
         steps[f"attribution: --norm ln, {label}"] = (model, build_optimizer(model, recipe, device))
     if args.compile:  # the module is compiled, the optimizer step stays eager as in the trainers
         steps = {name: (torch.compile(model), opt) for name, (model, opt) in steps.items()}
