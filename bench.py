@@ -907,7 +907,7 @@ class AblatedAttention(nn.Module):
             self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, rotation):
         B, T, C = x.shape
         heads = (B, T, self.n_head, self.head_dim)
         if self.wqkv is not None:
@@ -915,7 +915,7 @@ class AblatedAttention(nn.Module):
         else:
             q, k, v = (w(x).view(heads) for w in (self.wq, self.wk, self.wv))
         if self.rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, rotation), apply_rope(k, rotation)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))

@@ -329,27 +329,29 @@ def gpt_config(preset, **overrides):
     return GPTConfig(**{**GPT_PRESETS[preset], **overrides})
 
 
-def rope_tables(head_dim, length, theta, device=None):
-    """cos and sin of the rotary angles t * theta^(-2i/head_dim), [length, head_dim/2], fp32."""
+def rope_rotation(head_dim, length, theta, device=None):
+    """The rotary angles t * theta^(-2i/head_dim) as unit complex numbers cos + i sin,
+    [length, head_dim/2], complex64.
+
+    Complex rather than two real tables so that FSDP2's mixed precision leaves them alone: it
+    casts every floating-point input of a block to the parameter dtype, and bf16 tables would
+    both lose the angles' precision and fail in torch.complex; complex tensors are not cast."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.complex(angles.cos(), angles.sin())
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, rotation):
     """Rotate each (even, odd) pair of channels of x [B, T, H, D] by the angle of its position
-    (cos, sin: [T, D/2]): the dot product of a rotated query and key then depends only on
-    their distance.
+    (rotation: [T, D/2] from rope_rotation): the dot product of a rotated query and key then
+    depends only on their distance.
 
     Meta's interleaved layout (channels 2i, 2i+1 are a pair), computed as LLaMA's reference
     code does: each pair is a complex number times cos + i sin, one elementwise pass forward
     and one backward. x is rotated in the [B, T, H, D] layout the projection writes, before
-    the heads are transposed, so the complex view needs no copy; on [B, H, T, D] each call
-    first copied x (3-8% of a CPU step at nanoGPT's shape), and the same rotation written
-    with strided slices, stack and flatten took ten times as long."""
+    the heads are transposed, so the complex view needs no copy of x."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rotation = torch.complex(cos, sin).unsqueeze(-2)  # [T, 1, D/2]: the same for every head
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * rotation.unsqueeze(-2)).flatten(-2).type_as(x)  # every head alike
 
 
 class GPTAttention(nn.Module):
@@ -362,10 +364,10 @@ class GPTAttention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, rope):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.n_kv_head != self.n_head)
@@ -395,8 +397,8 @@ class GPTBlock(nn.Module):
         self.mlp_norm = norm(alpha_other)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden())
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, rope):
+        x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -420,9 +422,8 @@ class GPT(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.dim, alpha_final, bias=cfg.dyt_bias, eps=cfg.norm_eps,
                               gamma0=cfg.gamma0(alpha_final) if dynamic else 1.0)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # Rotary tables: buffers, so they follow .to(device); not saved in checkpoints.
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # The rotary table: a buffer, so it follows .to(device); not saved in checkpoints.
+        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
         if self.head.weight.device.type != "meta":
             self.init_weights()
 
@@ -454,9 +455,8 @@ class GPT(nn.Module):
                 m.reset_parameters()
             if isinstance(m, (nn.RMSNorm, nn.LayerNorm)) and cfg.norm_out_rms:
                 nn.init.constant_(m.weight, cfg.norm_out_rms)  # a norm's output RMS is its gain
-        cos, sin = rope_tables(cfg.dim // cfg.n_head, cfg.block_size, cfg.rope_theta,
-                               device=self.head.weight.device)
-        self.rope_cos, self.rope_sin = cos, sin
+        self.rope = rope_rotation(cfg.dim // cfg.n_head, cfg.block_size, cfg.rope_theta,
+                                  device=self.head.weight.device)
 
     def forward(self, idx, targets=None, reduction="mean"):
         """Logits [B, T, vocab]; with targets also the cross-entropy (targets -1 are ignored;
@@ -467,9 +467,9 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.emb_scale is not None:
             x = x * self.emb_scale
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        rope = self.rope[:T]
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, rope)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None

@@ -259,9 +259,10 @@ def train(argv=None):
     # model: the same init on every rank and world size (seeded before the per-rank seed)
     torch.manual_seed(cfg.seed)
     if cfg.fsdp:
-        on_gpu = device.type == "cuda"
-        model = tc.build_fsdp_model(lambda: GPT(mcfg), dist,
-                                    param_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        # FSDP2 mixed precision: compute in the autocast dtype (bf16 on a GPU by default, and
+        # on a CPU with --dtype bf16), fp32 master weights and fp32 gradient reduction
+        param_dtype = tc.autocast_dtype(device, cfg.dtype) or torch.float32
+        model = tc.build_fsdp_model(lambda: GPT(mcfg), dist, param_dtype=param_dtype,
                                     reduce_dtype=torch.float32, seed=cfg.seed,
                                     activation_checkpointing=cfg.activation_checkpointing)
     else:
@@ -324,6 +325,8 @@ def train(argv=None):
     logger = tc.RunLogger(cfg.out_dir, cfg, dist.is_main, cfg.wandb, cfg.wandb_project,
                           cfg.run_name, resume_step=start_step if cfg.resume else None)
     flops_tok = raw.flops_per_token(cfg.seq_len)
+    fsdp_note = (f", FSDP2 ({str(param_dtype).removeprefix('torch.')} compute, float32 "
+                 "weights and gradient reduction)") if cfg.fsdp else ""
     if dist.is_main:
         alpha0 = (f", norm weight init {mcfg.norm_out_rms or 1:g}" if cfg.norm in ("rms", "ln") else
                   f", alpha0 {tuple(round(a, 3) for a in mcfg.alpha0s())} (attn, other, final)"
@@ -333,7 +336,7 @@ def train(argv=None):
         print(f"data {data_dir} ({train_set.encoding}, {train_set.n_tokens:,} train tokens); "
               f"{steps} steps of {global_tokens:,} tokens = {global_seqs} seqs x {cfg.seq_len} "
               f"({dist.world_size} rank(s) x {accum} micro-steps x {cfg.micro_batch}); "
-              f"device {device}{', FSDP2' if cfg.fsdp else ''}", flush=True)
+              f"device {device}{fsdp_note}", flush=True)
 
     bar = None
     if dist.is_main:

@@ -9,7 +9,7 @@ import torch
 
 from dyt import Derf, DyT
 from model import (GPT, GPTConfig, ViT, alpha0_for_width, apply_rope, dyt_layers,
-                   DYT_OUT_RMS0, dyt_out_rms_at_gamma1, gpt_config, num_params, param_groups, rope_tables, vit_config)
+                   DYT_OUT_RMS0, dyt_out_rms_at_gamma1, gpt_config, num_params, param_groups, rope_rotation, vit_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,18 +162,18 @@ def test_gpt_is_causal(norm):
 def test_rope_depends_only_on_relative_position():
     torch.manual_seed(0)
     head_dim = 16
-    cos, sin = rope_tables(head_dim, 64, 10000.0)
+    rotation = rope_rotation(head_dim, 64, 10000.0)
     q, k = torch.randn(head_dim), torch.randn(head_dim)
 
     def score(m, n):  # rotate q to position m and k to position n
-        qm = apply_rope(q.view(1, 1, 1, -1), cos[m:m + 1], sin[m:m + 1])
-        kn = apply_rope(k.view(1, 1, 1, -1), cos[n:n + 1], sin[n:n + 1])
+        qm = apply_rope(q.view(1, 1, 1, -1), rotation[m:m + 1])
+        kn = apply_rope(k.view(1, 1, 1, -1), rotation[n:n + 1])
         return (qm * kn).sum().item()
 
     assert score(5, 2) == pytest.approx(score(40, 37), rel=1e-4)
     assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
     # a rotation keeps the norm
-    rotated = apply_rope(q.view(1, 1, 1, -1), cos[7:8], sin[7:8])
+    rotated = apply_rope(q.view(1, 1, 1, -1), rotation[7:8])
     assert rotated.norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
 
 
@@ -221,7 +221,7 @@ def test_meta_model_materialises_with_init_weights():
     model.to_empty(device="cpu")
     model.init_weights()
     assert model.emb_scale.item() == pytest.approx(4.0)
-    assert model.rope_cos.shape == (16, 4)
+    assert model.rope.shape == (16, 4) and model.rope.dtype == torch.complex64
     logits, loss = model(torch.randint(0, 40, (1, 16)), torch.randint(0, 40, (1, 16)))
     assert torch.isfinite(loss) and abs(loss.item() - math.log(40)) < 1.0
 
@@ -231,16 +231,18 @@ def test_rope_rotates_interleaved_pairs():
     # 2i+1 are one pair, rotated by position * theta^(-2i/D)
     torch.manual_seed(0)
     x = torch.randn(2, 10, 3, 8, dtype=torch.float64).float()  # [B, T, H, D]
-    cos, sin = rope_tables(8, 10, 10000.0)
-    got = apply_rope(x, cos, sin)
+    rotation = rope_rotation(8, 10, 10000.0)
+    got = apply_rope(x, rotation)
+    angles = torch.outer(torch.arange(10.0), 10000.0 ** (-torch.arange(0, 8, 2) / 8))
+    torch.testing.assert_close(rotation, torch.polar(torch.ones_like(angles), angles))
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[:, None], sin[:, None]  # every head at position t turns by the same angle
+    c, s = rotation.real[:, None], rotation.imag[:, None]  # every head at position t turns alike
     want = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+    assert apply_rope(x.bfloat16(), rotation).dtype == torch.bfloat16
     # gradients flow through the complex view
     xg = x.clone().requires_grad_()
-    apply_rope(xg, cos, sin).pow(2).sum().backward()
+    apply_rope(xg, rotation).pow(2).sum().backward()
     torch.testing.assert_close(xg.grad, 2 * x, rtol=1e-5, atol=1e-5)  # a rotation keeps |x|^2
 
 

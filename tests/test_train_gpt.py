@@ -233,3 +233,21 @@ def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
         for value in ("0", "-1"):
             err = one_line_error(TINY + ["--out_dir", str(tmp_path), flag, value], capsys)
             assert err.startswith(f"error: {flag} must be > 0"), err
+
+
+def test_fsdp_bf16_steps_saves_and_resumes_at_world_sizes_1_and_2(tmp_path, reference, capsys):
+    # the GPU's configuration on gloo: FSDP2 with bf16 parameters and fp32 gradient reduction.
+    # The RoPE table must stay out of FSDP2's cast of the blocks' inputs (a bf16 table was a
+    # crash in torch.complex on the first forward).
+    _, ref = reference
+    bf16 = ["--norm", "dyt", "--max_steps", str(STEPS), "--fsdp", "--dtype", "bf16"]
+    whole = run(tmp_path / "whole", *bf16)
+    assert "FSDP2 (bfloat16 compute, float32 weights and gradient reduction)" in capsys.readouterr().out
+    run(tmp_path / "one", *bf16, "--stop_at", "3")
+    assert os.path.isfile(tmp_path / "one" / "ckpt_dcp" / ".metadata")
+    assert run(tmp_path / "one", *bf16, "--resume") == whole  # exact resume, world size 1
+    torchrun(tmp_path / "two", *bf16, "--stop_at", "3")
+    two = torchrun(tmp_path / "two", *bf16, "--resume")
+    for s in range(1, STEPS + 1):  # bf16 compute: close to fp32 and to one process, not equal
+        assert two[s] == pytest.approx(whole[s], rel=2e-2) and whole[s] == pytest.approx(ref[s], rel=3e-2), s
+    assert whole[1] != ref[1]  # the run really computed in bf16
