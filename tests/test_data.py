@@ -107,3 +107,44 @@ def test_default_corpus_is_offline_and_split(tmp_path):
     train, val = data.TokenDataset(d, "train"), data.TokenDataset(d, "val")
     assert train.encoding == "byte" and train.vocab_size == 256
     assert train.n_tokens > 1_500_000 and 0.02 < val.n_tokens / train.n_tokens < 0.1
+
+
+def test_prepare_a_directory_and_its_overlap_report(tmp_path, capsys, monkeypatch):
+    from train_common import main_guard
+    src = tmp_path / "docs"
+    (src / "b").mkdir(parents=True)
+    for i in range(40):  # documents in nested folders; only text files are read
+        (src / ("b" if i % 2 else "") / f"doc{i:02d}.rst.txt").write_text(
+            f"Document {i} has a line long enough to count in the overlap report.\n"
+            "This shared sentence appears in every single document of the corpus.\n")
+    (src / "image.png").write_bytes(b"\x89PNG not text")
+    out = tmp_path / "prepared"
+    main_guard(data.main, ["prepare", "--input", str(src), "--encoding", "byte", "--out", str(out)])
+    assert "train and" in capsys.readouterr().out
+    files = data.expand_inputs([str(src)])
+    assert len(files) == 40 and files == sorted(files) and all(f.endswith(".txt") for f in files)
+    val = data.TokenDataset(str(out), "val")
+    text = np.asarray(val.shards[0], dtype=np.uint8).tobytes().decode()
+    # by document, every 20th in sorted path order (b/doc01, ..., b/doc39, doc00, ...): whole
+    # documents, the first and the 21st
+    assert text.count("Document") == 2 and "Document 1 has" in text and "Document 0 has" in text
+    (line,) = data.overlap_report(str(out))
+    assert "3 distinct validation lines" in line and "33.3% of them also occur" in line
+    # bad input is one line naming the path
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.png").write_bytes(b"x")
+    for argv, needle in ((["--input", str(empty)], f"{empty} holds no .txt"),
+                         (["--input", str(tmp_path / "missing")], "no such input file")):
+        with pytest.raises(SystemExit) as e:
+            main_guard(data.main, ["prepare", *argv, "--encoding", "byte", "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+    def unreadable(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(data, "open", unreadable, raising=False)  # root reads any file: fake it
+    with pytest.raises(SystemExit):
+        main_guard(data.main, ["prepare", "--input", str(src), "--encoding", "byte", "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot read {files[0]}: Permission denied; fix its permissions or leave it out of --input"
