@@ -262,8 +262,10 @@ def capture_norm_io(model, layers, x):
 # 3. Output: tables (always) and plots (when matplotlib is there)
 
 
-def write_table(rows, results_dir, name, title=""):
-    """rows (list of dicts) as NAME.md and NAME.csv in results_dir; prints the markdown."""
+def write_table(rows, results_dir, name, title="", quiet=False):
+    """rows (list of dicts) as NAME.md and NAME.csv in results_dir; prints the markdown unless
+    quiet. Each file is written whole or not at all (tmp + os.replace): a study killed while
+    rewriting its runs table keeps the table as it was."""
     os.makedirs(results_dir, exist_ok=True)
     columns = []
     for row in rows:
@@ -273,13 +275,17 @@ def write_table(rows, results_dir, name, title=""):
         "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
+    path = os.path.join(results_dir, name)
+    with open(f"{path}.md.tmp", "w") as f:
         f.write(text)
-    with open(os.path.join(results_dir, f"{name}.csv"), "w", newline="") as f:
+    with open(f"{path}.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
-    print(text, flush=True)
+    os.replace(f"{path}.csv.tmp", f"{path}.csv")
+    os.replace(f"{path}.md.tmp", f"{path}.md")
+    if not quiet:
+        print(text, flush=True)
     return text
 
 
