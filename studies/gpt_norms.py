@@ -214,11 +214,11 @@ def budget_summary(runs, seeds):
 
 
 def plot_gaps(rows, results, name):
+    lines = sorted({(r["width"], r["norm"]) for r in rows if "gap_to_rms" in r})
     plt = pyplot()
-    if plt is None:
+    if plt is None or not lines:
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    lines = sorted({(r["width"], r["norm"]) for r in rows if "gap_to_rms" in r})
     for width, spec in lines:
         pts = sorted((r["tokens_per_param"], r["gap_to_rms"], r.get("gap_se", 0.0) or 0.0)
                      for r in rows if (r["width"], r["norm"]) == (width, spec) and "gap_to_rms" in r)
@@ -274,9 +274,9 @@ def cmd_budget(args):
     for s in budgets:
         warmup = round(s * args.warmup_fraction)
         if not 1 <= warmup < s:
-            raise AnalysisError(f"--steps {s} is too short for a warmup of {args.warmup_fraction:g} "
-                                f"of the run ({warmup} steps); give at least "
-                                f"{math.ceil(1 / args.warmup_fraction)} steps")
+            raise AnalysisError(f"--steps {s} is too short for a warmup of {args.warmup_fraction:.4g} "
+                                f"of the run ({warmup} steps): the warmup needs at least one step and "
+                                "fewer than the run's; give more --steps or another --warmup_fraction")
     specs = [s.strip() for s in args.norms.split(",") if s.strip()]
     largest_only = [s.strip() for s in args.largest_only.split(",") if s.strip()]
     for s in specs + largest_only:
@@ -287,7 +287,7 @@ def cmd_budget(args):
     name = f"budget_gpt{args.tag}"
     stem = os.path.join(args.results, f"{name}_runs")
     title = (f"Every run of `studies/gpt_norms.py budget` (data {args.data}, batch {BATCH_TOKENS} tokens, "
-             f"warmup {args.warmup_fraction:g} of the steps {args.train_args}): val loss (nats)")
+             f"warmup {args.warmup_fraction:.4g} of the steps {args.train_args}): val loss (nats)")
     key = lambda r: (r["width"], r["steps_budget"], r["norm"], r["lr"], r["seed"])
     recorded = recorded_runs(stem, title, key) if args.reuse else {}
     runs = dict(recorded)  # every run recorded or made, by key: the table never loses one
