@@ -38,8 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint as ck
 import train_common as tc
-from dyt import Derf, DyT, DynamicSquash, _norm_kind, is_dynamic
+from dyt import Derf, DyT, _norm_kind, is_dynamic
 from model import GPT, GPTConfig, ViT, ViTConfig
 
 # out/analysis by default: results/analysis holds the committed tables the README cites,
@@ -66,7 +67,7 @@ def load_model(path, device="cpu"):
     if not os.path.isfile(path):
         raise AnalysisError(f"no checkpoint at {path}; give a ckpt.pt from train_vit.py or "
                             "train_gpt.py, or the out_dir holding it")
-    state = tc.load_checkpoint(path)
+    state = ck.load_checkpoint(path)
     config = state.get("model_config") or {}
     try:
         if "patch_size" in config:
@@ -92,9 +93,10 @@ def vit_test_set(state, data_dir="", device="cpu"):
     """The test split the ViT was evaluated on (data_vision.InMemoryImages)."""
     import data_vision
     import train_vit
-    saved = state.get("config") or {}
-    known = {f.name for f in fields(train_vit.ViTTrainConfig)}
-    cfg = train_vit.ViTTrainConfig(**{k: v for k, v in saved.items() if k in known})
+    saved = state.get("train_config") or state.get("config") or {}  # "config": before 2026-12-03
+    known = {f.name for f in fields(train_vit.ViTTrainConfig)} - {"model"}
+    cfg = train_vit.ViTTrainConfig(**{k: v for k, v in saved.items() if k in known},
+                                   model=ViTConfig(**state["model_config"]))
     if data_dir:
         cfg.data_dir = data_dir
     cfg.download = False  # analyses never download
@@ -307,12 +309,13 @@ def pyplot():
         return None
 
 
-def save_figure(fig, results_dir, name):
+def save_figure(fig, results_dir, name, quiet=False):
     path = os.path.join(results_dir, f"{name}.png")
     fig.savefig(path, dpi=80, bbox_inches="tight")
     import matplotlib.pyplot as plt
     plt.close(fig)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 
@@ -692,254 +695,6 @@ def cmd_alpha0(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6b. The GPT with each norm at its own best lr, across widths; and why gamma 1 stalls
-# (this project's own experiments, not the papers': see model.DYT_OUT_RMS0)
-
-
-def norm_spec(text):
-    """A norm and its init: 'dyt' -> ('dyt', []) (the default); 'dyt@2' -> ('dyt',
-    ['--norm_out_rms', '2']) (output RMS 2 at init: DyT's gamma set for it, or a norm's
-    weight); 'dyt@g1' -> ('dyt', ['--dyt_gamma0', '1']) (gamma 1, the papers')."""
-    name, _, init = text.partition("@")
-    from dyt import NORMS
-    if name not in NORMS:
-        raise AnalysisError(f"unknown norm {name!r} in {text!r}; choose from {', '.join(NORMS)}")
-    if not init:
-        return name, []
-    flag = "--dyt_gamma0" if init.startswith("g") else "--norm_out_rms"
-    value = init[1:] if init.startswith("g") else init
-    floats(value, f"the init of {text!r} (NAME@R: output RMS R at init; NAME@gG: gamma0 G)")
-    return name, [flag, value]
-
-
-def width_flags(width):
-    """The default GPT (4 layers, head dim 32) at another width."""
-    if width % 32:
-        raise AnalysisError(f"--widths: {width} is not a multiple of the head dim 32")
-    heads = str(width // 32)
-    return ["--dim", str(width), "--n_head", heads, "--n_kv_head", heads]
-
-
-def gpt_run(args, width, spec, lr, seed):
-    import train_gpt
-    name, gamma_flags = norm_spec(spec)
-    shape = ["--preset", args.preset] if args.preset else width_flags(width)
-    argv = (["--norm", name] + gamma_flags + shape +
-            ["--lr", f"{lr:g}", "--seed", str(seed), "--sample_tokens", "0", "--ckpt_interval", "0",
-             "--device", "cpu"] + (["--max_steps", str(args.steps)] if args.steps else []) +
-            shlex.split(args.train_args))
-    tag = f"{args.preset or 'w' + str(width)}_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}{'_' + str(args.steps) if args.steps else ''}"
-    print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}", flush=True)
-    return train_one(train_gpt, argv, os.path.join(args.out_dir, tag), args.reuse)
-
-
-def recorded_runs(results_dir, name, title):
-    """The runs an earlier `analyze.py norms` recorded in results_dir/NAME.csv, keyed by
-    (width, norm, lr, seed), if its NAME.md was written under the same budget (its title says
-    which; another budget's runs are not these). Run directories are scratch that a fresh
-    checkout lacks; this table is committed, so a later session or machine can add seeds or
-    lrs to it without retraining what it holds."""
-    md, table = (os.path.join(results_dir, f"{name}.{ext}") for ext in ("md", "csv"))
-    if not (os.path.isfile(md) and os.path.isfile(table)):
-        return {}
-    with open(md) as f:
-        if f.readline().rstrip("\n") != f"## {title}":
-            print(f"note: {table} was recorded under another budget; its runs are not reused")
-            return {}
-    recorded = {}
-    with open(table, newline="") as f:
-        for row in csv.DictReader(f):
-            result = {"status": row.pop("status")}
-            key = (int(row.pop("width")), row.pop("norm"), float(row.pop("lr")), int(row.pop("seed")))
-            for k, v in row.items():  # the logged metrics; a diverged run leaves some empty
-                if v != "":
-                    result[k] = int(v) if k == "steps" else float(v)
-            recorded[key] = result
-    return recorded
-
-
-def cmd_norms(args):
-    """For each width and norm: an lr sweep at the first seed, then the other seeds at the
-    best lr. Each norm is compared at its own best lr: the fair comparison. --preset runs a
-    train_gpt.py preset (its shape, steps and batch) instead of the default run at --widths."""
-    import train_gpt
-    if args.preset and args.widths:
-        raise AnalysisError("--preset sets the width (its --dim); drop --widths")
-    if args.preset and args.preset not in train_gpt.PRESETS:
-        raise AnalysisError(f"--preset {args.preset!r}: choose one of {', '.join(train_gpt.PRESETS)}")
-    widths = ([train_gpt.PRESETS[args.preset].get("dim", train_gpt.GPTTrainConfig.dim)] if args.preset
-              else [int(w) for w in floats(args.widths or "128", "--widths")])
-    specs = [s.strip() for s in args.norms.split(",") if s.strip()]
-    for s in specs:
-        norm_spec(s)
-    lrs = floats(args.lrs, "--lrs")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise AnalysisError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
-    if not seeds:
-        raise AnalysisError("--seeds needs at least one seed")
-    budget = f"--max_steps {args.steps}" if args.steps else (
-        "the preset's steps" if args.preset else "the default 450 steps")
-    budget = f"--preset {args.preset}, {budget}" if args.preset else budget
-    name = f"norms_gpt{args.tag}"
-    runs_title = f"Every run of `analyze.py norms` ({budget} {args.train_args}): val loss (nats)"
-    recorded = recorded_runs(args.results, f"{name}_runs", runs_title) if args.reuse else {}
-    runs, rows = [], []
-
-    def run(width, spec, lr, seed):
-        """One run's val loss (inf unless ok): read back from the recorded table with --reuse,
-        else trained (or read back from its run directory)."""
-        if (width, spec, lr, seed) in recorded:
-            print(f"--- width {width}, {spec}, lr {lr:g}, seed {seed}: recorded in "
-                  f"{os.path.join(args.results, name)}_runs.csv", flush=True)
-            result = recorded[(width, spec, lr, seed)]
-        else:
-            result = gpt_run(args, width, spec, lr, seed)
-        runs.append({"width": width, "norm": spec, "lr": lr, "seed": seed, **result})
-        return result.get("val_loss", float("inf")) if result["status"] == "ok" else float("inf")
-
-    for width in widths:
-        for spec in specs:
-            sweep = {lr: run(width, spec, lr, seeds[0]) for lr in lrs}
-            # A best lr at the edge of the sweep is not known to be the best: extend the sweep
-            # by factors of 2 past that edge until it is inside (at most --extend more runs).
-            for _ in range(args.extend):
-                best_lr = min(sweep, key=lambda lr: sweep[lr])
-                if min(sweep) < best_lr < max(sweep) or len(sweep) < 2:
-                    break
-                lr = best_lr * 2 if best_lr == max(sweep) else best_lr / 2
-                sweep[lr] = run(width, spec, lr, seeds[0])
-            best_lr = min(sweep, key=lambda lr: sweep[lr])
-            losses = [sweep[best_lr]] + [run(width, spec, best_lr, seed) for seed in seeds[1:]]
-            ok = [l for l in losses if math.isfinite(l)]
-            row = {"width": width, "norm": spec, "best_lr": best_lr,
-                   "swept (lr: val loss at seed %d)" % seeds[0]:
-                       " ".join(f"{lr:g}:{sweep[lr]:.4f}" for lr in sorted(sweep)),
-                   "seeds": len(losses), "diverged": len(losses) - len(ok),
-                   "val_loss_mean": round(float(np.mean(ok)), 4) if ok else float("nan"),
-                   "val_loss_std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else 0.0}
-            rows.append(row)
-    # The runs table keeps every recorded run, also those this call did not ask for (a seed
-    # beyond --seeds, another lr): a call over fewer seeds must not erase runs already paid for.
-    asked = {(r["width"], r["norm"], r["lr"], r["seed"]) for r in runs}
-    runs += [{"width": w, "norm": n, "lr": lr, "seed": sd, **result}
-             for (w, n, lr, sd), result in recorded.items() if (w, n, lr, sd) not in asked]
-    write_table(runs, args.results, f"{name}_runs", runs_title)
-    write_table(rows, args.results, name,
-                f"GPT val loss (nats, mean and sample std over seeds {args.seeds}) per width and "
-                f"norm, each at its own best lr from the sweep {args.lrs} at seed {seeds[0]}; "
-                f"{budget} {args.train_args}; NAME@R means --norm_out_rms R, NAME@gG --dyt_gamma0 G")
-    plt = pyplot()
-    if plt is not None and len(widths) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for spec in specs:
-            r = [row for row in rows if row["norm"] == spec]
-            ax.errorbar([x["width"] for x in r], [x["val_loss_mean"] for x in r],
-                        yerr=[x["val_loss_std"] for x in r], marker="o", capsize=3, label=spec)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width")
-        ax.set_ylabel("val loss (nats), best lr")
-        ax.legend(fontsize=8)
-        ax.set_title("GPT: each norm at its best lr", fontsize=10)
-        save_figure(fig, args.results, name)
-    return rows
-
-
-def residual_and_saturation(model, x, y):
-    """One forward of a GPT on (x, y): its loss; per block the residual stream's RMS and the
-    share of its energy in one token-independent vector (|mean over tokens|^2 / mean |x_t|^2:
-    1 when every token carries the same vector); per DyT-like layer the fraction of
-    inputs whose squash argument |alpha x + s| exceeds 2 (tanh 0.96, erf 0.995: saturated)."""
-    stats = {}
-    with hooks_removed_after() as handles, torch.no_grad():
-        for name, block in model_blocks(model):
-            def block_hook(module, inputs, output, name=name):
-                h = output.float().reshape(-1, output.shape[-1])
-                stats[f"{name} residual_rms"] = h.pow(2).mean().sqrt().item()
-                stats[f"{name} common_share"] = (h.mean(0).pow(2).sum() / h.pow(2).sum(-1).mean()).item()
-            handles.append(block.register_forward_hook(block_hook))
-        for layer in norm_layers(model):
-            if layer.kind != "dyt":
-                continue
-            def sat_hook(module, inputs, output, name=layer.name):
-                z = squash_argument(module, inputs[0].float())
-                stats[f"{name} saturated"] = (z.abs() > 2).float().mean().item()
-            handles.append(layer.module.register_forward_hook(sat_hook))
-        loss, _ = loss_and_accuracy(model, "gpt", x, y)
-    return loss, stats
-
-
-def cmd_saturation(args):
-    """Train each configuration with the trainer itself, stopping at each step of --at
-    (--stop_at, then --resume: exact), and measure the checkpoint on validation windows."""
-    import train_gpt
-    at = sorted({int(s) for s in floats(args.at, "--at")})
-    specs = [s.strip() for s in args.norms.split(",") if s.strip()]
-    rows, curves = [], {}
-    for spec in specs:
-        name, gamma_flags = norm_spec(spec)
-        out = os.path.join(args.out_dir, f"saturation_{spec.replace('@', '_at')}_s{args.seed}")
-        for stale in ("metrics.jsonl", "ckpt.pt"):
-            if os.path.exists(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
-        for i, step in enumerate(at):
-            print(f"--- {spec}: train to step {step}", flush=True)
-            argv = (["--norm", name] + gamma_flags + ["--stop_at", str(step), "--seed", str(args.seed),
-                     "--sample_tokens", "0", "--ckpt_interval", "0", "--device", "cpu",
-                     "--out_dir", out] + (["--resume"] if i else []) + shlex.split(args.train_args))
-            train_gpt.main(argv)
-            model, _, state = load_model(out)
-            if state["step"] != step:
-                raise AnalysisError(f"{spec}: the run ended at step {state['step']}, before "
-                                    f"--at {step}; give --at steps within the run's max_steps")
-            x, y = gpt_val_tokens(state, args.n)
-            loss, stats = residual_and_saturation(model, x, y)
-            sat_inside = [v for k, v in stats.items() if k.endswith("saturated") and k.startswith("blocks")]
-            sat_final = [v for k, v in stats.items() if k.endswith("saturated") and not k.startswith("blocks")]
-            last = [k for k in stats if k.endswith("residual_rms")][-1].split()[0]
-            row = {"norm": spec, "step": step, "val_loss": round(loss, 4),
-                   "residual_rms_last_block": round(stats[f"{last} residual_rms"], 3),
-                   "common_share_last_block": round(stats[f"{last} common_share"], 3),
-                   "saturated_in_blocks": round(float(np.mean(sat_inside)), 3) if sat_inside else "",
-                   "saturated_final": round(sat_final[0], 3) if sat_final else ""}
-            rows.append(row)
-            curves.setdefault(spec, []).append((step, loss, stats))
-    name = f"saturation_gpt{args.tag}"
-    write_table(rows, args.results, name,
-                f"GPT training trace, `analyze.py saturation --norms {args.norms} --at {args.at}` "
-                f"{args.train_args}: val loss on {args.n} windows, the last block's residual RMS "
-                "and share of one token-independent vector, fraction of DyT inputs with "
-                "|alpha x + s| > 2 (mean over the blocks' layers; the final layer)")
-    per_layer = [{"norm": spec, "step": step, "quantity": k, "value": round(v, 4)}
-                 for spec, points in curves.items() for step, _, stats in points
-                 for k, v in stats.items()]
-    write_table(per_layer, args.results, f"{name}_layers", "Per-layer values of " + name)
-    plt = pyplot()
-    if plt is not None:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for spec, points in curves.items():
-            steps = [p[0] for p in points]
-            axes[0].plot(steps, [p[1] for p in points], "o-", label=spec)
-            last = [k for k in points[0][2] if k.endswith("residual_rms")][-1]
-            axes[1].plot(steps, [p[2][last] for p in points], "o-", label=spec)
-            sat = [np.mean([v for k, v in p[2].items() if k.endswith("saturated")] or [np.nan])
-                   for p in points]
-            if not all(np.isnan(sat)):
-                axes[2].plot(steps, sat, "o-", label=spec)
-        axes[0].set_ylabel("val loss (nats)")
-        axes[1].set_ylabel("residual RMS after the last block")
-        axes[1].set_yscale("log")
-        axes[2].set_ylabel("saturated DyT inputs (|arg| > 2)")
-        for ax in axes:
-            ax.set_xlabel("step")
-            ax.legend(fontsize=8)
-        fig.suptitle("GPT: why gamma 1 stalls at width 128 (this project's measurement)", fontsize=10)
-        save_figure(fig, args.results, name)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 # 7. Robustness to perturbations of the norm input (ViT study section 6)
 
 
@@ -1209,24 +964,8 @@ def build_parser():
     p.add_argument("--alpha0_attn", default="0.5,1,2", help="GPT: before attention")
     p.add_argument("--alpha0_other", default="0.5,1,2", help="GPT: before the MLP and the final one")
 
-    p = common(sub.add_parser("norms", help="GPT: each norm at its own best lr, per width, seeds"))
-    sweep(p)
-    p.add_argument("--widths", default="", help="model widths (multiples of 32; default 128)")
-    p.add_argument("--preset", default="", help="a train_gpt.py preset (e.g. micro) in place of "
-                   "--widths; on a GPU add --train_args '--device cuda'")
-    p.add_argument("--norms", default="rms,dyt,derf", help="norm names; NAME@R: --norm_out_rms R; "
-                   "NAME@gG: --dyt_gamma0 G")
-    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the lr sweep (at the first seed)")
-    p.add_argument("--seeds", default="0,1,2", help="the first sweeps the lr; all run the best lr")
-    p.add_argument("--extend", type=int, default=2,
-                   help="runs allowed past an edge of the lr sweep when the best lr is there")
-
-    p = common(sub.add_parser("saturation", help="GPT: residual RMS and saturated DyT inputs over training"))
-    sweep(p)
-    p.add_argument("--norms", default="dyt@g1,dyt,rms", help="norm names; NAME@R: --norm_out_rms R; "
-                   "NAME@gG: --dyt_gamma0 G")
-    p.add_argument("--at", default="1,10,25,50,100,150,300,450", help="steps to measure at")
-    p.add_argument("--n", type=int, default=32, help="validation windows")
+    for moved in ("norms", "saturation"):  # this project's own studies: studies/gpt_norms.py
+        sub.add_parser(moved, add_help=False, prefix_chars="\0").add_argument("rest", nargs="*")
 
     p = common(sub.add_parser("robustness", help="accuracy under perturbed norm inputs"))
     p.add_argument("--ckpt", action="append", required=True, help="repeat: e.g. LN then DyT")
@@ -1241,10 +980,14 @@ def build_parser():
     return parser
 
 
+def cmd_moved(args):
+    raise AnalysisError(f"`analyze.py {args.command}` moved with this project's own studies: "
+                        f"python studies/gpt_norms.py {args.command} ... (the same flags)")
+
+
 COMMANDS = {"s_curves": cmd_s_curves, "alpha_std": cmd_alpha_std, "ablations": cmd_ablations,
-            "alpha0": cmd_alpha0, "norms": cmd_norms, "saturation": cmd_saturation,
-            "robustness": cmd_robustness,
-            "representations": cmd_representations}
+            "alpha0": cmd_alpha0, "norms": cmd_moved, "saturation": cmd_moved,
+            "robustness": cmd_robustness, "representations": cmd_representations}
 
 
 def main(argv=None):
@@ -1252,6 +995,8 @@ def main(argv=None):
     for flag in ("n", "grad_n", "cka_tokens", "fit_points", "plot_points", "plot_layers"):
         if getattr(args, flag, 1) <= 0:
             raise AnalysisError(f"--{flag} must be positive")
+    if COMMANDS[args.command] is cmd_moved:
+        return cmd_moved(args)
     tc.ensure_writable_dir(args.results, "--results")  # before the work, not after it
     torch.manual_seed(args.seed)
     return COMMANDS[args.command](args)

@@ -1,7 +1,7 @@
 """
 Benchmarks for DyT against the norms it replaces: is DyT really cheaper than normalisation?
 
-Four modes:
+Three modes:
 
   python bench.py            kernel level: one layer at a time, forward and forward+backward,
                              bf16 and fp32, at LLaMA-7B and ViT-B activation shapes and over a
@@ -13,10 +13,8 @@ Four modes:
   python bench.py --memory   peak GPU memory of one training step of ViT-B and of a GPT
                              (gpt2_small preset, 162M) with LN/RMSNorm, plain DyT and fused DyT,
                              and the bytes autograd saves for backward (also on a CPU).
-  python bench.py --nanogpt DIR --threads 2
-                             one training step (fwd, bwd, AdamW) of karpathy/nanoGPT's model,
-                             imported from its checkout DIR, against train_gpt.py's at nanoGPT's
-                             shape (6 x 384), with LayerNorm, RMSNorm and DyT, taking turns.
+
+(A training step against karpathy/nanoGPT's is a study of its own: studies/nanogpt_speed.py.)
 
 Results are printed as a table and written as JSON and Markdown under --out (default
 out/bench; results/ holds the committed ones: --out results replaces them) with the device,
@@ -60,8 +58,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import DyT, Derf, DerfFunction, DyTFunction, derf_reference, dyt_reference
-from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, apply_rope, gpt_config, vit_config
+from dyt import DyT
+from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, gpt_config, vit_config
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -200,10 +198,12 @@ def random_params(kind, C, dtype, device):
 
 def reference(kind, x, params):
     """The function each kind must compute (run in float64 for the checks)."""
-    if kind == "dyt":
-        return dyt_reference(x, *params)
-    if kind == "derf":
-        return derf_reference(x, *params)
+    if kind == "dyt":  # [alpha, gamma, beta]
+        alpha, gamma, beta = params
+        return gamma * torch.tanh(alpha * x) + beta
+    if kind == "derf":  # [alpha, shift, gamma, beta]
+        alpha, shift, gamma, beta = params
+        return gamma * torch.erf(alpha * x + shift) + beta
     if kind == "ln":
         return F.layer_norm(x, x.shape[-1:], *params, eps=EPS)
     return F.rms_norm(x, x.shape[-1:], *params, eps=EPS)
@@ -260,12 +260,11 @@ def kernel_options(fn):
 build_fused_dyt = build_fused("dyt")
 
 
-def build_plain(kind, fn=None):
-    # fn(x, *params): another eager implementation of the kind; default its reference
+def build_plain(kind):
+    # the kind's definition in eager PyTorch, under autograd
     def build(C, dtype, device):
         params = random_params(kind, C, dtype, device)
-        call = fn or (lambda x, *p: reference(kind, x, p))
-        return (lambda x: call(x, *params)), params
+        return (lambda x: reference(kind, x, params)), params
     return build
 
 
@@ -327,11 +326,9 @@ def kernel_ops(device, bwd_stages=()):
         ("DyT fused (Triton)", "dyt", build_fused("dyt")),
         ("DyT fused tanh.approx", "dyt", build_fused("dyt", tanh="approx")),
         ("Derf fused (Triton)", "derf", build_fused("derf")),
-        ("DyT plain", "dyt", build_plain("dyt")),
-        ("DyT autograd.Function", "dyt", build_plain("dyt", DyTFunction.apply)),  # DyT off CUDA
+        ("DyT plain", "dyt", build_plain("dyt")),   # the definition under autograd (off CUDA)
         ("DyT compile", "dyt", build_compiled("dyt")),
         ("Derf plain", "derf", build_plain("derf")),
-        ("Derf autograd.Function", "derf", build_plain("derf", DerfFunction.apply)),  # off CUDA
         ("LayerNorm", "ln", build_plain("ln")),      # F.layer_norm: PyTorch's fused kernel
         ("RMSNorm", "rms", build_plain("rms")),      # F.rms_norm: fused on CUDA
     ]
@@ -561,12 +558,137 @@ def bench_kernels(args, device):
                 notes=notes, rows=rows)
 
 
+# Host cost of the fused kernel, measurable without a GPU: the whole Python path of a call with
+# the Triton launches replaced by no-ops, on CPU tensors (the CUDA-only checks bypassed). What it leaves out is
+# Triton's own launch cost (its argument binding and the driver call), a few us per launch.
+
+class _NoLaunch:  # a Triton kernel that launches nothing
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_launches(kernel):
+    """Within: kernel.py's kernels launch nothing and available() is True for CPU tensors."""
+    names = ("_squash_fwd_kernel", "_squash_bwd_kernel", "_squash_reduce_kernel", "available")
+    saved = {n: getattr(kernel, n) for n in names}
+    try:
+        for n in names[:3]:
+            setattr(kernel, n, _NoLaunch())
+        kernel.available = lambda x: isinstance(x, torch.Tensor) and x.dtype in kernel._DTYPES
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(kernel, n, v)
+
+
+def host_cost_us(M=4096, C=4096, dtype=torch.bfloat16, fn="tanh", calls=200, warmup=30,
+                 repeats=3):
+    """Median host microseconds per call of (fused forward + backward, forward alone), launches
+    stubbed, on CPU tensors of [M, C] (allocation is lazy on CPU, so the size is cheap)."""
+    import statistics
+    import kernel
+    x = torch.randn(M, C, dtype=dtype).requires_grad_()
+    alpha = torch.full((1,), 0.5, requires_grad=True)
+    shift = torch.zeros(1, requires_grad=True) if fn == "erf" else None
+    weight = torch.ones(C, requires_grad=True)
+    bias = torch.zeros(C, requires_grad=True)
+    dy = torch.randn(M, C, dtype=dtype)
+    params = [p for p in (alpha, shift, weight, bias) if p is not None]
+
+    def fwd_bwd():
+        y = kernel.squash(x, alpha, weight, bias, shift, fn)
+        torch.autograd.grad(y, [x] + params, dy)
+
+    def fwd():
+        with torch.no_grad():
+            kernel.squash(x, alpha, weight, bias, shift, fn)
+
+    # The lowest of `repeats` medians: on a shared machine other work only ever adds time.
+    out = []
+    with stubbed_launches(kernel):
+        for f in (fwd_bwd, fwd):
+            medians = []
+            for _ in range(repeats):
+                for _ in range(warmup):
+                    f()
+                times = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    f()
+                    times.append(time.perf_counter() - t0)
+                medians.append(1e6 * statistics.median(times))
+            out.append(min(medians))
+    return tuple(out)
+
+
+def _caching_malloc():
+    """Make glibc keep and reuse freed large blocks (as the CUDA caching allocator does) instead
+    of an mmap/munmap pair per 32 MiB tensor, which costs the CPU path ~25-50 us per call that a
+    GPU call never pays. Process-wide and permanent: call it in a process of its own."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 31))  # MMAP / TRIM
+    except (OSError, AttributeError):
+        return False
+
+
+def _floor_us(M, C, dtype, calls=300, warmup=30):
+    """The same fwd+bwd through an autograd.Function that only allocates what ours allocates
+    (y; dx, dalpha, dweight, dbias and the partial buffer) and launches nothing."""
+    import statistics
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, a, w, b):
+            ctx.save_for_backward(x, a, w, b)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, a, w, b = ctx.saved_tensors
+            torch.empty(4 * C, dtype=torch.float32)
+            return torch.empty_like(x), torch.empty_like(a), torch.empty_like(w), torch.empty_like(b)
+
+    x = torch.randn(M, C, dtype=dtype).requires_grad_()
+    a = torch.full((1,), 0.5, requires_grad=True)
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    dy = torch.randn(M, C, dtype=dtype)
+    medians = []
+    for _ in range(3):
+        times = []
+        for i in range(warmup + calls):
+            t0 = time.perf_counter()
+            torch.autograd.grad(Floor.apply(x, a, w, b), [x, a, w, b], dy)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        medians.append(1e6 * statistics.median(times))
+    return min(medians)
+
+
+def host_cost_report(M=4096, C=4096, dtype=torch.bfloat16):
+    """Host cost of one call, launches stubbed (host_cost runs this in a process of its own):
+    first with the CPU's plain malloc, then with caching_malloc (the number that stands for a
+    GPU call), with the autograd.Function floor beside each."""
+    raw = host_cost_us(M, C, dtype)
+    raw_floor = _floor_us(M, C, dtype)
+    cached = _caching_malloc()
+    fb, f = host_cost_us(M, C, dtype)
+    fb_erf, _ = host_cost_us(M, C, dtype, fn="erf")
+    return dict(shape=[M, C], dtype=str(dtype).replace("torch.", ""), caching_malloc=cached,
+                fwd_bwd_us=fb, fwd_us=f, derf_fwd_bwd_us=fb_erf, floor_fwd_bwd_us=_floor_us(M, C, dtype),
+                plain_malloc_fwd_bwd_us=raw[0], plain_malloc_fwd_us=raw[1],
+                plain_malloc_floor_fwd_bwd_us=raw_floor,
+                torch=torch.__version__, threads=torch.get_num_threads())
+
+
 def host_cost(timeout=120):
-    """kernel.host_cost_report() in a process of its own (it changes malloc settings process-wide
+    """host_cost_report() in a process of its own (it changes malloc settings process-wide
     and needs the compiled, not interpreted, kernel module): host us per fused call, launches
     stubbed. Returns the dict, or {"error": ...}."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, kernel; print('HOST_COST ' + json.dumps(kernel.host_cost_report()))"
+    code = "import json, bench; print('HOST_COST ' + json.dumps(bench.host_cost_report()))"
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=timeout)
@@ -580,7 +702,7 @@ def host_cost_note(h):
     if "error" in h:
         return f"host cost of the fused kernel: not measured ({h['error']})"
     return (f"host cost of one fused DyT call at {h['shape'][0]}x{h['shape'][1]} {h['dtype']}, Triton "
-            f"launches stubbed (kernel.host_cost_report, CPU malloc caching like CUDA's allocator): "
+            f"launches stubbed (bench.host_cost_report, CPU malloc caching like CUDA's allocator): "
             f"fwd+bwd {h['fwd_bwd_us']:.1f} us, fwd {h['fwd_us']:.1f} us, Derf fwd+bwd "
             f"{h['derf_fwd_bwd_us']:.1f} us; an autograd.Function that only allocates the same "
             f"tensors: {h['floor_fwd_bwd_us']:.1f} us. With plain malloc (an mmap per 32 MiB "
@@ -868,149 +990,6 @@ def format_memory_row(r):
 
 
 # ---------------------------------------------------------------------------------------------
-# Against nanoGPT: one training step (forward, backward, AdamW) of karpathy/nanoGPT's model and
-# of train_gpt.py's at nanoGPT's shape (6 layers x 384, context 256, batch 8, byte vocabulary,
-# fp32, no compile; --ffn_dim 1024 gives SwiGLU the parameter count of its 4x384 GELU MLP), in
-# one process, the models taking turns step by step: on a shared CPU two runs minutes apart
-# differ by more than the models do. Each side uses its own trainer's optimizer (nanoGPT's
-# configure_optimizers; ours, train_common.build_optimizer at train_gpt.py's defaults).
-# nanoGPT's code is imported from the checkout given (--nanogpt DIR); none of it is here.
-
-NANOGPT_HEADER = ("| model | median s/step | min s/step | median / nanoGPT's | min / nanoGPT's | "
-                  "paired: median of per-step ratios (quartiles) |")
-
-
-# Attribution rows: train_gpt.py's LayerNorm model with parts of its LLaMA block swapped for
-# GPT-2's, to see where the time between the two models goes. None of these is a model the
-# trainer builds (no RoPE means no position information at all); they are for timing only.
-
-class GELUMLP(nn.Module):
-    """GPT-2's MLP, as nanoGPT's: dim -> 4 dim, exact GELU, -> dim; no bias."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.up = nn.Linear(dim, 4 * dim, bias=False)
-        self.down = nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
-
-
-class AblatedAttention(nn.Module):
-    """model.GPTAttention (full heads) with RoPE optional and q, k, v from one matrix or three."""
-
-    def __init__(self, dim, n_head, rope, one_matrix):
-        super().__init__()
-        self.n_head, self.head_dim, self.rope = n_head, dim // n_head, rope
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False) if one_matrix else None
-        if not one_matrix:
-            self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.wo = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x, rotation):
-        B, T, C = x.shape
-        heads = (B, T, self.n_head, self.head_dim)
-        if self.wqkv is not None:
-            q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        else:
-            q, k, v = (w(x).view(heads) for w in (self.wq, self.wk, self.wv))
-        if self.rope:
-            q, k = apply_rope(q, rotation), apply_rope(k, rotation)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, C))
-
-
-def gpt2_parts(model, gelu_mlp=False, rope=True, one_qkv=False):
-    """Swap the blocks' SwiGLU for GPT-2's GELU MLP and/or their attention for AblatedAttention."""
-    dim, n_head = model.cfg.dim, model.cfg.n_head
-    for block in model.blocks:
-        if gelu_mlp:
-            block.mlp = GELUMLP(dim)
-        if not rope or one_qkv:
-            block.attn = AblatedAttention(dim, n_head, rope, one_qkv)
-    return model
-
-
-def bench_nanogpt(args, device):
-    import importlib.util
-    from model import GPTConfig
-    from train_common import build_optimizer, setup_float_math
-    from train_gpt import GPTTrainConfig
-    setup_float_math(device)  # as both trainers do: subnormals flushed on a CPU
-    path = Path(args.nanogpt) / "model.py"
-    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
-    nanogpt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nanogpt)
-    shape = dict(n_layer=6, n_head=6, block_size=256, vocab_size=256)
-    torch.manual_seed(0)
-    nano = nanogpt.GPT(nanogpt.GPTConfig(n_embd=384, dropout=0.0, bias=False, **shape)).to(device)
-    steps = {"nanoGPT (LayerNorm, GELU MLP)": (nano, nano.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type))}
-    recipe = GPTTrainConfig()  # train_gpt.py's default lr, betas and weight decay
-    ours = lambda norm: GPT(GPTConfig(dim=384, n_kv_head=6, ffn_dim=1024, norm=norm, **shape))
-    # the last row: DyT as autograd differentiates dyt_reference, for contrast
-    for label, norm, use_kernel in [("--norm ln", "ln", True), ("--norm rms", "rms", True),
-                                    ("--norm dyt", "dyt", True),
-                                    ("--norm dyt with autograd's DyT backward (use_kernel=False)",
-                                     "dyt", False)]:
-        model = ours(norm).to(device)
-        for m in model.modules():
-            if isinstance(m, DyT):
-                m.use_kernel = use_kernel
-        steps[f"train_gpt.py's, {label}"] = (model, build_optimizer(model, recipe, device))
-    for label, parts in [("GELU MLP in place of SwiGLU", dict(gelu_mlp=True)),
-                         ("no RoPE", dict(rope=False)),
-                         ("GELU MLP, no RoPE, one qkv matrix (GPT-2's block)",
-                          dict(gelu_mlp=True, rope=False, one_qkv=True))]:
-        model = gpt2_parts(ours("ln"), **parts).to(device)
-        steps[f"attribution: --norm ln, {label}"] = (model, build_optimizer(model, recipe, device))
-    if args.compile:  # the module is compiled, the optimizer step stays eager as in the trainers
-        steps = {name: (torch.compile(model), opt) for name, (model, opt) in steps.items()}
-    x = torch.randint(0, 256, (8, 256), device=device)
-    y = torch.randint(0, 256, (8, 256), device=device)
-    times = {name: [] for name in steps}
-    order = list(steps.items())
-    for i in range(args.warmup + args.passes):
-        # the order rotates each pass, so that no model always runs first (or last): the
-        # position in a pass costs a few percent on a drifting machine
-        for name, (model, opt) in order[i % len(order):] + order[:i % len(order)]:
-            synchronize(device)
-            t0 = time.perf_counter()
-            _, loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            synchronize(device)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    base = times["nanoGPT (LayerNorm, GELU MLP)"]
-    rows = []
-    for name, t in times.items():
-        # Each pass times every model once, back to back: the ratio within a pass cancels
-        # most of the machine's drift (a shared VM's steal), which the medians keep.
-        paired = [a / b for a, b in zip(t, base)]
-        rows.append(dict(model=name, median_s=quantile(t, 0.5), min_s=min(t),
-                         median_ratio=quantile(t, 0.5) / quantile(base, 0.5),
-                         min_ratio=min(t) / min(base), paired_ratio=quantile(paired, 0.5),
-                         paired_ratio_p25=quantile(paired, 0.25),
-                         paired_ratio_p75=quantile(paired, 0.75)))
-    note = (f"{args.passes} timed steps of each model after {args.warmup} untimed, taking turns "
-            "in an order that rotates each pass")
-    note += "; one fixed random batch; float math as in the trainers (train_common.setup_float_math)"
-    if device.type == "cpu":
-        note += f"; {torch.get_num_threads()} CPU threads"
-    if args.compile:
-        note += "; every model under torch.compile (inductor), the optimizers eager"
-    return dict(rows=rows, notes=[note], nanogpt=str(path), compile=args.compile)
-
-
-def format_nanogpt_row(r):
-    return (f"| {r['model']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['median_ratio']:.3f} | "
-            f"{r['min_ratio']:.3f} | {r['paired_ratio']:.3f} ({r['paired_ratio_p25']:.3f}-"
-            f"{r['paired_ratio_p75']:.3f}) |")
-
-
-# ---------------------------------------------------------------------------------------------
 # Environment, output files, command line
 
 def environment(device):
@@ -1077,8 +1056,7 @@ def parse_args(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--model", action="store_true", help="whole-model timing (the paper's Table 7)")
     mode.add_argument("--memory", action="store_true", help="peak memory of one training step")
-    mode.add_argument("--nanogpt", metavar="DIR", default=None,
-                      help="a training step of nanoGPT's model (from the checkout DIR) against ours")
+    mode.add_argument("--nanogpt", metavar="DIR", default=None, help=argparse.SUPPRESS)  # moved
     # out/bench by default: results/ holds the committed numbers the README cites, written
     # only when asked for (--out results)
     p.add_argument("--out", default=os.path.join("out", "bench"),
@@ -1098,18 +1076,17 @@ def parse_args(argv=None):
     p.add_argument("--gpt-batch", type=int, default=8, help="--memory: GPT sequences of 1024 tokens")
     p.add_argument("--preset", default=None, help="--model: GPT preset (default llama7b on a GPU, nano on a CPU)")
     p.add_argument("--seq", type=int, default=None, help="--model: sequence length (default: the preset's block size)")
-    p.add_argument("--passes", type=int, default=None, help="--model: timed passes of each kind "
-                   "(default 100); --nanogpt: timed steps of each model (default 12)")
-    p.add_argument("--warmup", type=int, default=3, help="--model, --nanogpt: untimed passes first")
-    p.add_argument("--compile", action="store_true", help="--nanogpt: torch.compile every model "
-                   "(inductor; on a CPU it needs a C++ compiler; the untimed steps absorb compilation)")
+    p.add_argument("--passes", type=int, default=100, help="--model: timed passes of each kind")
+    p.add_argument("--warmup", type=int, default=3, help="--model: untimed passes first")
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # moved with --nanogpt
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: on a small shared machine more threads than free "
                         "cores turns timings into scheduler noise)")
     p.add_argument("--model-dtype", default=None, help="--model: bf16 or fp32 (default bf16 on a GPU, fp32 on a CPU)")
     args = p.parse_args(argv)
-    if args.passes is None:
-        args.passes = 12 if args.nanogpt else 100
+    if args.nanogpt is not None or args.compile:
+        p.error("the training step against nanoGPT moved: python studies/nanogpt_speed.py "
+                "/path/to/nanoGPT [--compile] (the same other flags)")
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.only_given = args.only is not None
     if args.only is None:
@@ -1135,11 +1112,6 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.seq is not None and args.seq < 1):
         p.error("--warmup must be >= 0 and --seq >= 1")
-    if args.compile and args.nanogpt is None:
-        p.error("--compile applies to --nanogpt only (the kernel level has its own compiled rows)")
-    if args.nanogpt is not None and not (Path(args.nanogpt) / "model.py").is_file():
-        p.error(f"--nanogpt {args.nanogpt}: no model.py there; give a checkout of "
-                "github.com/karpathy/nanoGPT")
     if args.device not in (None, "cuda", "cpu"):
         p.error(f"--device {args.device}: choose cuda or cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1180,14 +1152,6 @@ def main(argv=None):
                  f"tokens, {result['passes']} passes each) on {tag.upper() if tag == 'cpu' else env['device']}")
         paths = write_results(out, f"bench_model_{result['preset']}_{tag}", env, result, MODEL_HEADER, lines, title)
         header = MODEL_HEADER
-    elif args.nanogpt:
-        result = bench_nanogpt(args, device)
-        lines = [format_nanogpt_row(r) for r in result["rows"]]
-        title = (f"A training step at nanoGPT's shape, nanoGPT's model against ours, "
-                 f"{'compiled, ' if args.compile else ''}on {'CPU' if tag == 'cpu' else env['device']}")
-        stem = f"bench_nanogpt_{'compile_' if args.compile else ''}{tag}"
-        paths = write_results(out, stem, env, result, NANOGPT_HEADER, lines, title)
-        header = NANOGPT_HEADER
     elif args.memory:
         result = bench_memory(args, device)
         lines = [format_memory_row(r) for r in result["rows"]]

@@ -15,11 +15,9 @@ Text data for train_gpt.py: tokenisers, token shards, the default corpus and the
   - TokenLoader: deterministic batches, split across ranks, resumable to the exact sample.
 """
 
-import argparse
 import ast
 import glob
 import json
-import math
 import os
 import struct
 import sys

@@ -25,10 +25,10 @@ Public API
 
 Two ways in, one set of launchers:
   - eager: a torch.autograd.Function whose forward/backward call the launchers directly. The
-    host path is what limits a 4096x4096 layer on an H100 (the GPU work is ~56 us for fwd+bwd
-    in bf16), so it does as little Python as it can: launch parameters are cached per shape,
-    the partial-sum buffers come from one allocation. bench.py (CPU mode) measures it with the
-    launches stubbed: `host_cost_us()` below.
+    host path can be slower than the GPU work of a 4096x4096 layer (~40 us for fwd+bwd in bf16
+    at ~4 TB/s), so it does as little Python as it can: launch parameters are cached per
+    shape, the partial-sum buffers come from one allocation. bench.py measures it with the
+    launches stubbed (bench.host_cost_report).
   - torch.compile: torch custom ops (torch.ops.dyt.squash_fwd / squash_bwd) with fake (meta)
     implementations and a registered autograd formula, so Dynamo keeps them in the graph
     without breaks. squash() picks the ops when torch.compiler.is_compiling().
@@ -51,7 +51,6 @@ Design, for memory bandwidth (the layer is element-wise: the floor is moving the
 """
 
 import contextlib
-import math
 import os
 from typing import Optional, Tuple
 
@@ -81,36 +80,6 @@ TANH = os.environ.get("DYT_TANH", "auto")
 _TANH_PORTABLE, _TANH_LIBDEVICE, _TANH_APPROX = 0, 1, 2
 FNS = {"tanh": 0, "erf": 1}  # the constexpr FN of the kernels
 _FN_TANH, _FN_ERF = 0, 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton 3.6's interpreter converts a loop bound with int(array) where the array has shape (1,),
-# which NumPy 2.x refuses ("only 0-dimensional arrays can be converted to Python scalars"): every
-# `range(...)` with a run-time bound fails there (torch 2.11 + triton 3.6 + numpy 2.5 is the GPU
-# machines' stack, whose CPU suite runs under the interpreter). Triton 3.9 converts through
-# .squeeze(). The shim below installs that same conversion on any interpreter, once; the compiled
-# (GPU) path never goes through it, and the kernels keep their ordinary loops.
-
-def _install_interpreter_shim():
-    try:
-        from triton.runtime import interpreter as _interp
-    except ImportError:  # pragma: no cover
-        return False
-    orig = getattr(_interp, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_dyt_numpy2_shim", False):
-        return orig is not None
-
-    def _index(self):
-        data = self.handle.data
-        return int(data.reshape(-1)[0]) if getattr(data, "size", 0) == 1 else int(data)
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", _index)
-
-    patched._dyt_numpy2_shim = True
-    _interp._patch_lang_tensor = patched
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +352,6 @@ def _squash_reduce_kernel(P, DW, DB, DA, DS, G_rows, G_all, C, n_col, pb_off, pa
 # Host side: launch parameters (fixed functions of the shape, dtype and device; no autotuning).
 
 _INTERPRET = isinstance(_squash_fwd_kernel, _InterpretedFunction) if _InterpretedFunction else False
-if _INTERPRET:
-    _install_interpreter_shim()
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 BWD_TILE = 2048          # elements per backward tile: 8 per thread at 8 warps
@@ -714,132 +681,3 @@ def dyt(x, alpha, weight, bias=None):
 def derf(x, alpha, shift, weight, bias=None):
     """Derf: gamma * erf(alpha * x + shift) + beta over the last dim of x, fused."""
     return squash(x, alpha, weight, bias, shift, "erf")
-
-
-# ---------------------------------------------------------------------------------------------
-# Host cost, measurable without a GPU: the whole Python path of a call with the Triton launches
-# replaced by no-ops, on CPU tensors (the CUDA-only checks bypassed). What it leaves out is
-# Triton's own launch cost (its argument binding and the driver call), a few us per launch.
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def stubbed_launches():
-    """Within: the kernels launch nothing and available() is True for CPU tensors."""
-    global available
-    names = ("_squash_fwd_kernel", "_squash_bwd_kernel", "_squash_reduce_kernel")
-    saved = {n: globals()[n] for n in names}
-    saved_available = available
-    try:
-        for n in names:
-            globals()[n] = _NoLaunch()
-        available = lambda x: isinstance(x, torch.Tensor) and x.dtype in _DTYPES  # noqa: E731
-        yield
-    finally:
-        globals().update(saved)
-        available = saved_available
-
-
-def host_cost_us(M=4096, C=4096, dtype=torch.bfloat16, fn="tanh", calls=200, warmup=30,
-                 repeats=3):
-    """Median host microseconds per call of (fused forward + backward, forward alone), launches
-    stubbed, on CPU tensors of [M, C] (allocation is lazy on CPU, so the size is cheap)."""
-    import statistics
-    import time
-    x = torch.randn(M, C, dtype=dtype).requires_grad_()
-    alpha = torch.full((1,), 0.5, requires_grad=True)
-    shift = torch.zeros(1, requires_grad=True) if fn == "erf" else None
-    weight = torch.ones(C, requires_grad=True)
-    bias = torch.zeros(C, requires_grad=True)
-    dy = torch.randn(M, C, dtype=dtype)
-    params = [p for p in (alpha, shift, weight, bias) if p is not None]
-
-    def fwd_bwd():
-        y = squash(x, alpha, weight, bias, shift, fn)
-        torch.autograd.grad(y, [x] + params, dy)
-
-    def fwd():
-        with torch.no_grad():
-            squash(x, alpha, weight, bias, shift, fn)
-
-    # The lowest of `repeats` medians: on a shared machine other work only ever adds time.
-    out = []
-    with stubbed_launches():
-        for f in (fwd_bwd, fwd):
-            medians = []
-            for _ in range(repeats):
-                for _ in range(warmup):
-                    f()
-                times = []
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    f()
-                    times.append(time.perf_counter() - t0)
-                medians.append(1e6 * statistics.median(times))
-            out.append(min(medians))
-    return tuple(out)
-
-
-def _caching_malloc():
-    """Make glibc keep and reuse freed large blocks (as the CUDA caching allocator does) instead
-    of an mmap/munmap pair per 32 MiB tensor, which costs the CPU path ~25-50 us per call that a
-    GPU call never pays. Process-wide and permanent: call it in a process of its own."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 31))  # MMAP / TRIM
-    except (OSError, AttributeError):
-        return False
-
-
-def _floor_us(M, C, dtype, calls=300, warmup=30):
-    """The same fwd+bwd through an autograd.Function that only allocates what ours allocates
-    (y; dx, dalpha, dweight, dbias and the partial buffer) and launches nothing."""
-    import statistics
-    import time
-
-    class Floor(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, a, w, b):
-            ctx.save_for_backward(x, a, w, b)
-            return torch.empty_like(x)
-
-        @staticmethod
-        def backward(ctx, dy):
-            x, a, w, b = ctx.saved_tensors
-            torch.empty(4 * C, dtype=torch.float32)
-            return torch.empty_like(x), torch.empty_like(a), torch.empty_like(w), torch.empty_like(b)
-
-    x = torch.randn(M, C, dtype=dtype).requires_grad_()
-    a = torch.full((1,), 0.5, requires_grad=True)
-    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
-    dy = torch.randn(M, C, dtype=dtype)
-    medians = []
-    for _ in range(3):
-        times = []
-        for i in range(warmup + calls):
-            t0 = time.perf_counter()
-            torch.autograd.grad(Floor.apply(x, a, w, b), [x, a, w, b], dy)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        medians.append(1e6 * statistics.median(times))
-    return min(medians)
-
-
-def host_cost_report(M=4096, C=4096, dtype=torch.bfloat16):
-    """Host cost of one call, launches stubbed (bench.py runs this in a process of its own):
-    first with the CPU's plain malloc, then with caching_malloc (the number that stands for a
-    GPU call), with the autograd.Function floor beside each."""
-    raw = host_cost_us(M, C, dtype)
-    raw_floor = _floor_us(M, C, dtype)
-    cached = _caching_malloc()
-    fb, f = host_cost_us(M, C, dtype)
-    fb_erf, _ = host_cost_us(M, C, dtype, fn="erf")
-    return dict(shape=[M, C], dtype=str(dtype).replace("torch.", ""), caching_malloc=cached,
-                fwd_bwd_us=fb, fwd_us=f, derf_fwd_bwd_us=fb_erf, floor_fwd_bwd_us=_floor_us(M, C, dtype),
-                plain_malloc_fwd_bwd_us=raw[0], plain_malloc_fwd_us=raw[1],
-                plain_malloc_floor_fwd_bwd_us=raw_floor,
-                torch=torch.__version__, threads=torch.get_num_threads())

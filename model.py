@@ -15,7 +15,7 @@ and prints its shape and parameter count.
 """
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import make_norm, is_dynamic, NORMS
+from dyt import NORMS, is_dynamic, make_norm
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
@@ -74,20 +74,25 @@ def dyt_layers(model):
 
 @dataclass
 class ViTConfig:
+    """The ViT's shape and init. The trainer's flags are these fields (train_vit.py --dim ...),
+    except the two the data sets (in_chans, num_classes)."""
     img_size: int = 224
     patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000
+    in_chans: int = field(default=3, metadata={"flag": None})       # from the data
+    num_classes: int = field(default=1000, metadata={"flag": None})
     dim: int = 768
     depth: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    pool: str = "cls"          # "cls": class token; "avg": mean of the patch tokens
-    drop_path: float = 0.0     # stochastic depth rate of the last block (linear in depth)
-    norm: str = "ln"
-    alpha0: float = 0.5        # DyT's alpha init (the paper uses 0.5 for ViTs)
-    gamma0: float = 1.0        # DyT/Derf gamma init (both papers: 1)
+    pool: str = field(default="cls", metadata={"choices": ["cls", "avg"],
+                                               "help": "cls: class token; avg: mean of the patch tokens"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth of the last block "
+                                                    "(linear in depth)"})
+    norm: str = field(default="ln", metadata={"choices": list(NORMS)})
+    alpha0: float = field(default=0.5, metadata={"help": "DyT's alpha init (the papers': 0.5 for ViTs)"})
+    gamma0: float = field(default=1.0, metadata={"flag": "dyt_gamma0",
+                                                 "help": "DyT/Derf gamma init (the papers': 1)"})
     norm_eps: float = 1e-6
 
 
@@ -252,23 +257,26 @@ def dyt_out_rms_at_gamma1(norm, alpha0, input_rms):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 256
-    block_size: int = 256       # context length
+    """The GPT's shape and init. The trainer's flags are these fields (train_gpt.py --dim ...);
+    0 means "automatic" wherever a field has a rule."""
+    vocab_size: int = field(default=256, metadata={"help": "0: from the data"})
+    block_size: int = field(default=256, metadata={"flag": "seq_len", "help": "context length"})
     n_layer: int = 4
     n_head: int = 4
-    n_kv_head: int = 4          # < n_head: grouped-query attention
+    n_kv_head: int = field(default=4, metadata={"help": "< n_head: grouped-query attention"})
     dim: int = 128
-    ffn_dim: int = 0            # SwiGLU hidden size; 0: LLaMA's rule (see ffn_hidden)
+    ffn_dim: int = field(default=0, metadata={"help": "SwiGLU hidden size; 0: LLaMA's 8/3*dim rule"})
     rope_theta: float = 10000.0
-    norm: str = "rms"
-    alpha0_attn: float = 0.0    # DyT alpha0 before attention; 0: from alpha0_for_width(dim)
-    alpha0_other: float = 0.0   # before the MLP; 0: from the width table
-    alpha0_final: float = 0.0   # the final DyT before the head; 0: alpha0_other (paper's rule)
-    dyt_gamma0: float = 0.0     # DyT/Derf gamma init, every layer; 0: from norm_out_rms
-    norm_out_rms: float = 0.0   # each norm layer's output RMS at init; 0: DYT_OUT_RMS0 for DyT-
-                                # like layers below width 1024 (gamma 1, the papers', from 1024
-                                # up), 1 for RMSNorm/LayerNorm (their weight init, standard)
-    dyt_bias: bool = False      # the official LLaMA DyT has no beta
+    norm: str = field(default="rms", metadata={"help": "rms, ln, dyt, derf, or any of dyt.NORMS"})
+    alpha0_attn: float = field(default=0.0, metadata={"help": "DyT alpha0 before attention; 0: by width"})
+    alpha0_other: float = field(default=0.0, metadata={"help": "before the MLP; 0: by width"})
+    alpha0_final: float = field(default=0.0, metadata={"help": "the final DyT's; 0: alpha0_other's"})
+    dyt_gamma0: float = field(default=0.0, metadata={"help": "DyT/Derf gamma init, every layer; "
+                                                     "0: from norm_out_rms"})
+    norm_out_rms: float = field(default=0.0, metadata={"help": "each norm layer's output RMS at "
+        "init (DyT-like: gamma set for it; RMSNorm/LN: their weight); 0: 2.5 for DyT-like layers "
+        "below width 1024, gamma 1 (the papers') from 1024 up, 1 for RMSNorm/LN"})
+    dyt_bias: bool = field(default=False, metadata={"help": "DyT's beta (the official LLaMA DyT has none)"})
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -285,7 +293,9 @@ class GPTConfig:
         return self.alpha0_attn or table_attn, other, self.alpha0_final or other
 
     def gamma0(self, alpha0):
-        """gamma init of a DyT-like layer whose alpha starts at alpha0."""
+        """gamma init of a DyT-like layer whose alpha starts at alpha0 (1 for the norms)."""
+        if not is_dynamic(self.norm):
+            return 1.0
         if self.dyt_gamma0:
             return self.dyt_gamma0
         out_rms = self.norm_out_rms or (DYT_OUT_RMS0 if self.dim < 1024 else 0.0)
@@ -307,20 +317,17 @@ GPT_PRESETS = {
     # with GPT-2's vocabulary would need tied embeddings: untied it is 162M (50,304 vocab).
     "gpt2_small": dict(dim=768, n_layer=12, n_head=12, n_kv_head=12, ffn_dim=2048,
                        block_size=1024, vocab_size=50304, dyt_gamma0=1.0),  # the Derf paper's
-    # the DyT paper's LLaMA runs (LLaMA-2 shapes)
+    # the DyT paper's LLaMA runs (LLaMA-2 shapes) with its alpha0 (attention / other: 7B and
+    # 34B/70B are the width table, 13B its rounded log-linear interpolation) and gamma 1
     "llama7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=32, ffn_dim=11008,
-                    vocab_size=32000, block_size=4096),
+                    vocab_size=32000, block_size=4096, alpha0_attn=0.8, alpha0_other=0.2, dyt_gamma0=1.0),
     "llama13b": dict(dim=5120, n_layer=40, n_head=40, n_kv_head=40, ffn_dim=13824,
-                     vocab_size=32000, block_size=4096),
+                     vocab_size=32000, block_size=4096, alpha0_attn=0.6, alpha0_other=0.15, dyt_gamma0=1.0),
     "llama34b": dict(dim=8192, n_layer=48, n_head=64, n_kv_head=8, ffn_dim=22016,
-                     vocab_size=32000, block_size=4096),
+                     vocab_size=32000, block_size=4096, alpha0_attn=0.2, alpha0_other=0.05, dyt_gamma0=1.0),
     "llama70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, ffn_dim=28672,
-                     vocab_size=32000, block_size=4096),
+                     vocab_size=32000, block_size=4096, alpha0_attn=0.2, alpha0_other=0.05, dyt_gamma0=1.0),
 }
-# The paper's alpha0 (attention/other) for the LLaMA runs; 7B and 34B/70B are the width table,
-# 13B is its rounded log-linear interpolation. Their gamma0 is the paper's 1 (the width rule's
-# value from 1024 up).
-GPT_PRESETS["llama13b"].update(alpha0_attn=0.6, alpha0_other=0.15)
 
 
 def gpt_config(preset, **overrides):
@@ -389,9 +396,8 @@ class GPTBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         alpha_attn, alpha_other, _ = cfg.alpha0s()
-        dynamic = cfg.norm not in ("ln", "rms", "identity")
         norm = lambda a0: make_norm(cfg.norm, cfg.dim, a0, bias=cfg.dyt_bias, eps=cfg.norm_eps,
-                                    gamma0=cfg.gamma0(a0) if dynamic else 1.0)
+                                    gamma0=cfg.gamma0(a0))
         self.attn_norm = norm(alpha_attn)
         self.attn = GPTAttention(cfg)
         self.mlp_norm = norm(alpha_other)
@@ -415,12 +421,11 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         # The DyT LLM recipe: without a norm to rescale it, the embedding is multiplied by a
         # learnable scalar initialised to sqrt(dim). Norms don't need it.
-        dynamic = cfg.norm not in ("ln", "rms")
-        self.emb_scale = nn.Parameter(torch.empty(1)) if dynamic else None
+        self.emb_scale = nn.Parameter(torch.empty(1)) if is_dynamic(cfg.norm) else None
         self.blocks = nn.ModuleList([GPTBlock(cfg) for _ in range(cfg.n_layer)])
         alpha_final = cfg.alpha0s()[2]
         self.norm = make_norm(cfg.norm, cfg.dim, alpha_final, bias=cfg.dyt_bias, eps=cfg.norm_eps,
-                              gamma0=cfg.gamma0(alpha_final) if dynamic else 1.0)
+                              gamma0=cfg.gamma0(alpha_final))
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # The rotary table: a buffer, so it follows .to(device); not saved in checkpoints.
         self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
@@ -532,7 +537,7 @@ if __name__ == "__main__":
     with torch.device("meta"):
         model = build(cfg)
     shown = asdict(cfg)
-    uses_alpha = cfg.norm not in ("ln", "rms", "identity")
+    uses_alpha = is_dynamic(cfg.norm)
     if not uses_alpha:  # alpha0 means nothing to a norm: do not print DyT values beside 'rms'
         shown = {k: v for k, v in shown.items() if not k.startswith(("alpha0", "dyt_gamma0"))}
     print(f"{args.preset}: {shown}")

@@ -1,66 +1,24 @@
 """
-The trainer machinery that train_gpt.py and train_vit.py share.
+What train_gpt.py and train_vit.py share: the errors a user can fix, the config and its
+flags, processes and devices, the optimiser and schedule, DDP/FSDP2 wrapping, and the
+readouts a run logs besides its loss. A run's safety (lock, signals, divergence guard, logs,
+progress bar) is run.py's; its checkpoints are checkpoint.py's.
 
-Everything here is model- and data-agnostic: a trainer defines its own config dataclass (a
-subclass of TrainConfig), its model and its batches, and uses these pieces for the rest.
-The API (keep these signatures stable; train_vit.py builds on them):
-
-  Config and CLI
-    TrainConfig                       the shared fields (optimiser, schedule, checkpoints, ...)
-    parse_config(cls, presets, argv)  --preset NAME first, then any --flag value; bad input ->
-                                      one-line `error:` and exit 2 (bools: --x / --no-x / --x=true)
-    UserError                         raise it for bad input; main_guard turns it into one line
-    main_guard(main)                  run main(), print `error: ...` and exit 2 on UserError
-  Processes and devices
-    setup_distributed(device) -> Dist torchrun env or one process; nccl on CUDA, gloo on CPU
-    teardown_distributed()
-    seed_everything(seed, rank)       python/numpy/torch seeded with seed + rank
-    autocast_context(dev, dtype)      bf16 autocast on CUDA, a no-op on CPU
-    setup_float_math(dev, flush)      TF32 on CUDA; subnormals flushed to zero on CPU
-  Optimisation
-    lr_at(step, cfg)                  linear warmup, cosine decay to cfg.min_lr_ratio * lr
-    build_optimizer(model, cfg, dev)  AdamW on model.param_groups (fused kernel)
-    accumulation_steps(global_batch, micro_batch, world_size) -> micro-steps per rank
-    auto_micro_batch(global_batch, world_size, cap)  the per-rank micro batch when not given
-    clip_grad_norm(model, max_norm)   works for plain, DDP and FSDP2 models; returns the norm
-  Wrapping
-    wrap_ddp(model, dist)
-    build_fsdp_model(build, dist, param_dtype, reduce_dtype, seed)  meta -> fully_shard per
-                                      block -> to_empty -> init_weights shard by shard
-    apply_activation_checkpointing(model)   recompute each block in the backward pass
-    unwrap(model)                     the nn.Module under DDP / torch.compile
-  Checkpoints
-    save_checkpoint(path, state)      one file, atomic (tmp + os.replace); a full or read-only
-                                      disk is a one-line error and leaves no .tmp behind
-    load_checkpoint(path, config=...) weights_only=True, one-line error on a config mismatch
-    checkpoint_problem(...)           why a state must not be saved (non-finite, exploding)
-    end_if_finished(dist, path, step, total)  a resumed run already at its end: say so, stop
-    save_sharded / load_sharded       torch.distributed.checkpoint (DCP) directory under FSDP
-    capture_rng_state() / restore_rng_state(state)   python, numpy, torch, cuda
-  Logging and safety
-    RunLock(out_dir, enabled)         one run per out_dir (stale locks of dead PIDs are taken over)
-    StopSignals()                     SIGINT/SIGTERM -> .requested; the loop saves, then exits
-    RunLogger(out_dir, cfg, enabled, resume_step)  log(dict) -> metrics.jsonl + metrics.csv
-                                      (+ wandb); a resume drops the rows after its checkpoint
-    LossGuard(explode_factor)         check(loss, step) raises TrainingDiverged on NaN/explosion
-    dyt_alphas(model)                 {"alpha/<layer>": value} for every DyT-like layer
-    peak_flops(device) / mfu(...)     model FLOPs utilisation on known GPUs
+A trainer's config is a TrainConfig subclass whose `model` field is the model's own config
+(model.GPTConfig, model.ViTConfig): each model field is a flag too (--dim sets cfg.model.dim),
+so a shape is declared once. 0 means "automatic" wherever a number has a rule.
 """
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import difflib
 import functools
-import json
 import math
 import os
 import random
-import shutil
 import sys
-import time
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -113,8 +71,9 @@ def main_guard(main, argv=None):
 
 @dataclass
 class TrainConfig:
-    """Fields every trainer has. A trainer subclasses it and adds its model/data fields.
-    field(metadata={"help": ..., "choices": [...]}) feeds the CLI."""
+    """The fields every trainer has. A trainer subclasses it, adds its data and recipe fields
+    and `model`, its model's config. field(metadata={"help": ..., "choices": [...]}) feeds
+    the CLI."""
     out_dir: str = field(default="", metadata={"help": "checkpoints and logs go here "
                                                 "(default: out/<trainer>_<norm>)"})
     seed: int = 1337
@@ -137,11 +96,14 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "0 disables clipping"})
     # parallelism and memory
     fsdp: bool = field(default=False, metadata={"help": "FSDP2 (fully_shard per block)"})
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each block in the backward pass instead of storing its activations"})
     # checkpoints, logs
     # periodic by default: a crash or Ctrl-C must not lose a long run (SIGINT/SIGTERM also save)
     ckpt_interval: int = field(default=500, metadata={"help": "steps between checkpoints; 0: final only"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir's checkpoint"})
+    stop_at: int = field(default=0, metadata={"help": "checkpoint and stop after this step, as a "
+                                              "preempted job would (continue with --resume)"})
     log_interval: int = 10
     eval_interval: int = 100
     wandb: bool = False
@@ -177,90 +139,109 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _type_for(f):
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
-                                                   "bool": bool}.get(str(f.type), str)
-    return kind
+def config_flags(cls):
+    """{flag: (field, default, in_model)} for a TrainConfig subclass: its own fields, and the
+    fields of its model config flattened (--dim is cfg.model.dim). A model field may name its
+    flag otherwise in metadata["flag"] (GPTConfig.block_size is --seq_len), or None for a
+    field the data sets."""
+    flags = {}
+    for f in fields(cls):
+        if f.name != "model":
+            default = f.default if f.default is not dataclasses.MISSING else None
+            flags[f.name] = (f, default, False)
+            continue
+        model = f.default_factory()
+        for mf in fields(model):
+            flag = mf.metadata.get("flag", mf.name)
+            if flag:
+                flags[flag] = (mf, getattr(model, mf.name), True)
+    return flags
 
 
 def build_parser(cls, presets, description=""):
     parser = _Parser(description=description, allow_abbrev=False)
     parser.add_argument("--preset", default=None, choices=None,
                         help=f"applied first, then any flag overrides it: {', '.join(presets)}")
-    for f in fields(cls):
-        kind = _type_for(f)
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{help_text} (default {default})".strip()
-        name = f"--{f.name}"
+    for flag, (f, default, _) in config_flags(cls).items():
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
+                                                       "bool": bool}.get(str(f.type), str)
+        help_text = f"{f.metadata.get('help', '')} (default {default})".strip()
         if kind is bool:
             # --flag, --flag=true/false, --no-flag
-            parser.add_argument(name, dest=f.name, nargs="?", const=True, type=_parse_bool,
+            parser.add_argument(f"--{flag}", dest=flag, nargs="?", const=True, type=_parse_bool,
                                 default=argparse.SUPPRESS, metavar="BOOL", help=help_text)
-            parser.add_argument(f"--no-{f.name}", f"--no_{f.name}", dest=f.name,
-                                action="store_false", default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS)
+            parser.add_argument(f"--no-{flag}", f"--no_{flag}", dest=flag, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(name, dest=f.name, type=kind, default=argparse.SUPPRESS,
+            parser.add_argument(f"--{flag}", dest=flag, type=kind, default=argparse.SUPPRESS,
                                 choices=f.metadata.get("choices"), help=help_text)
     return parser
 
 
-def parse_config(cls, presets, argv=None, description="", default_preset=None):
+def parse_config(cls, presets, argv=None, description="", default_preset=None, renamed=None):
     """A `cls` instance from the command line.
 
-    presets: {name: {field: value}}. The preset (--preset, else default_preset) is applied on
-    top of the dataclass defaults, then every flag given on the command line overrides it.
-    Unknown flags, wrong types and unknown presets exit with a one-line error (code 2).
-    Returns (config, preset_name, set_flags) where set_flags are the fields given explicitly.
+    presets: {name: {field: value}}, the fields the trainer's or its model config's (by field
+    name: block_size, not seq_len). The preset (--preset, else default_preset) is applied on top
+    of the dataclass defaults, then every flag given overrides it. Unknown flags, wrong types
+    and unknown presets exit with a one-line error (code 2); so does a preset in `renamed`
+    ({old: new}), naming its new name. Returns (config, preset name, the flags given).
     """
     parser = build_parser(cls, presets, description)
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset") or default_preset
+    flags = config_flags(cls)
     values = {}
     if preset is not None:
+        if preset in (renamed or {}):
+            parser.error(f"--preset {preset} is now --preset {renamed[preset]}")
         if preset not in presets:
             close = difflib.get_close_matches(preset, list(presets), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             parser.error(f"unknown preset {preset!r}{hint}; choose one of {', '.join(presets)}")
-        known = {f.name for f in fields(cls)}
-        for k in presets[preset]:
-            if k not in known:
-                raise KeyError(f"preset {preset} sets {k}, which {cls.__name__} has not")
         values.update(presets[preset])
-    values.update(args)
-    cfg = cls(**values)
+    values.update({flags[flag][0].name: value for flag, value in args.items()})
+    model_fields = {f.name for f, _, in_model in flags.values() if in_model}
+    own = {f.name for f in fields(cls)}
+    for k in values:
+        if k not in own | model_fields:
+            raise KeyError(f"preset {preset} sets {k}, which {cls.__name__} has not")
+    kwargs = {k: v for k, v in values.items() if k not in model_fields}
+    if "model" in own:
+        default_model = next(f for f in fields(cls) if f.name == "model").default_factory()
+        kwargs["model"] = dataclasses.replace(default_model, **{k: v for k, v in values.items()
+                                                                if k in model_fields})
+    cfg = cls(**kwargs)
     check_common(cfg)
     return cfg, preset, set(args)
+
+
+def need(ok, flag, value, rule):
+    """UserError naming the flag, its value and the rule it breaks, unless ok."""
+    if not ok:
+        raise UserError(f"--{flag} {value!r} is out of range: it must be {rule}")
 
 
 def check_common(cfg):
     """One-line errors for values of the shared fields that would crash later (a zero
     division, say) or silently do nothing (--max_steps -5 used to exit 0 having trained
     nothing). Each names the flag and the range it takes."""
-    def need(ok, flag, rule):
-        if not ok:
-            raise UserError(f"--{flag} {getattr(cfg, flag)!r} is out of range: it must be {rule}")
-    need(cfg.lr > 0 and math.isfinite(cfg.lr), "lr", "a positive number")
-    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-    need(cfg.warmup_steps >= 0, "warmup_steps", ">= 0")
-    need(cfg.max_steps >= 0, "max_steps", ">= 0 (0: derived by the trainer)")
-    need(cfg.weight_decay >= 0, "weight_decay", ">= 0")
-    need(0 <= cfg.beta1 < 1, "beta1", "in [0, 1)")
-    need(0 <= cfg.beta2 < 1, "beta2", "in [0, 1)")
-    need(cfg.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)")
-    need(cfg.ckpt_interval >= 0, "ckpt_interval", ">= 0 (0: final checkpoint only)")
-    need(cfg.log_interval >= 1, "log_interval", ">= 1")
-    need(cfg.eval_interval >= 0, "eval_interval", ">= 0")
-    need(cfg.explode_factor == 0 or cfg.explode_factor > 1, "explode_factor",
-         "0 (NaN check only) or above 1")
-
-
-def require_positive(cfg, names):
-    """UserError naming the first of `names` (int/float fields) that is not positive."""
-    for name in names:
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for flag, ok, rule in (
+            ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "a positive number"),
+            ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+            ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
+            ("max_steps", cfg.max_steps >= 0, ">= 0 (0: derived by the trainer)"),
+            ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+            ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", cfg.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+            ("ckpt_interval", cfg.ckpt_interval >= 0, ">= 0 (0: final checkpoint only)"),
+            ("stop_at", cfg.stop_at >= 0, ">= 0 (0: run to the end)"),
+            ("log_interval", cfg.log_interval >= 1, ">= 1"),
+            ("eval_interval", cfg.eval_interval >= 0, ">= 0"),
+            ("explode_factor", cfg.explode_factor == 0 or cfg.explode_factor > 1,
+             "0 (NaN check only) or above 1")):
+        need(ok, flag, getattr(cfg, flag), rule)
 
 
 def config_dict(cfg):
@@ -308,11 +289,11 @@ def setup_distributed(device="auto", force_group=False):
     here = False
     if torch_dist.is_available() and not torch_dist.is_initialized() and (
             "RANK" in os.environ or force_group):
-        if "MASTER_ADDR" not in os.environ:  # a one-process group without torchrun
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        if "RANK" not in os.environ:  # a one-process group without torchrun: nothing put in the
+            # environment, which child processes would inherit as a torchrun's
+            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         torch_dist.init_process_group(backend, **kwargs)
         here = True
     if torch_dist.is_available() and torch_dist.is_initialized():
@@ -401,6 +382,12 @@ def lr_at(step, cfg):
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def build_optimizer(model, cfg, device):
@@ -526,246 +513,7 @@ def apply_activation_checkpointing(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-def save_checkpoint(path, state):
-    """torch.save(state, path) atomically: write path.tmp, fsync, os.replace. A crash at any
-    moment leaves either the old complete checkpoint or the new complete one.
-
-    A disk that is full or read-only is a UserError (one line) and the half-written .tmp is
-    removed; the previous checkpoint, if any, is untouched. A kill -9 can still leave a .tmp:
-    the next run in this out_dir removes it (remove_stale_tmp, under the run lock)."""
-    tmp = f"{path}.tmp"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and _is_os_error(e)):
-            keep = f"; the previous checkpoint {path} is intact" if os.path.isfile(path) else ""
-            raise UserError(f"cannot write checkpoint {path}: {_os_reason(e)}{keep}; "
-                            "free space or pick a writable --out_dir, then --resume") from None
-        raise
-
-
-def _is_os_error(e):
-    # torch.save's zip writer wraps the OS error of a failed write in a RuntimeError
-    # ("[enforce fail at inline_container.cc] . unexpected pos ..."): look for its cause.
-    return isinstance(e.__cause__ or e.__context__, OSError) or "unexpected pos" in str(e)
-
-
-def _os_reason(e):
-    cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__)
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    if isinstance(cause, OSError) and cause.errno:
-        return os.strerror(cause.errno)
-    return "the write failed (is the disk full?)"
-
-
-def remove_stale_tmp(path):
-    """Remove what an interrupted save of `path` left behind (path.tmp, a file or a DCP
-    directory). Call it only while holding the run lock: then no other run is writing it."""
-    tmp = f"{path}.tmp"
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-    elif os.path.exists(tmp):
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-
-
-def check_fresh_start(path, resume):
-    """A new run must not overwrite an earlier run's checkpoint at `path` (a file, or a DCP
-    directory): the user continues it with --resume or starts elsewhere."""
-    if not resume and (os.path.isfile(path) or find_sharded(path)):
-        raise UserError(f"{path} holds an earlier run's checkpoint; continue it with --resume, "
-                        "or start a new run with another --out_dir (or delete it)")
-
-
-def check_config(saved, expected, keys=None, path=""):
-    """UserError if the saved config differs from the expected on `keys` (default: all)."""
-    keys = keys if keys is not None else sorted(set(saved) | set(expected))
-    diffs = [f"{k}={saved.get(k)!r} (now {expected.get(k)!r})" for k in keys
-             if saved.get(k) != expected.get(k)]
-    if diffs:
-        raise UserError(f"checkpoint {path} was trained with a different model: "
-                        f"{', '.join(diffs[:4])}; use the same flags or another --out_dir")
-
-
-def _first_sentence(text, limit=300):
-    """The first line of an error message, cut at a sentence end rather than mid-word."""
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    if len(line) <= limit:
-        return line
-    cut = max(line.rfind(". ", 0, limit), line.rfind("; ", 0, limit))
-    return line[:cut + 1] if cut > 0 else line[:limit].rsplit(" ", 1)[0] + " ..."
-
-
-def load_checkpoint(path, config=None, config_key="model_config", map_location="cpu",
-                    missing_hint="check the path (or drop --resume)"):
-    """torch.load(path, weights_only=True), checking state[config_key] == config if given.
-    Missing, unreadable or mismatched checkpoints raise UserError with one line."""
-    import zipfile
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}; {missing_hint}")
-    # torch.save writes a zip archive. Anything else (random bytes, a file cut short by a full
-    # disk) is not a checkpoint at all, and torch.load's weights_only advice would mislead.
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (corrupt or truncated, "
-                        f"{os.path.getsize(path):,} bytes); restore it from a copy, or delete it "
-                        "and start a new run")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        if "weights_only" in str(e):
-            raise UserError(f"cannot read checkpoint {path}: it holds Python objects other than "
-                            "tensors and plain values, so it was not written by this code's "
-                            "trainers; load it with torch.load(weights_only=False) only if you "
-                            "trust its source") from None
-        raise UserError(f"cannot read checkpoint {path}: {_first_sentence(str(e))}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a trainer checkpoint")
-    if config is not None:
-        check_config(state.get(config_key, {}), config, path=path)
-    return state
-
-
-@torch.no_grad()
-def checkpoint_problem(model, optimizer, probe_loss, guard):
-    """Why the current state must not become a checkpoint, or None when it is healthy.
-
-    A training step's loss is measured before its update, so a loss that passed the guard says
-    nothing about the weights the update produced: with a huge lr they can already be
-    exploding (val loss 3e5) or non-finite, and a checkpoint of them is useless to resume.
-    So before each save: every parameter and optimizer tensor must be finite, and
-    probe_loss (the loss of the weights about to be saved, on the last training batch; None
-    to skip) must be finite and within the guard's explode factor of its best average.
-    Under DDP/FSDP every rank must call it (the verdict is all-reduced)."""
-    bad = 0
-    tensors = [p for p in model.parameters()]
-    for st in optimizer.state.values():
-        tensors += [v for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        bad += int(not bool(torch.isfinite(t).all()))
-    flag = torch.tensor([float(bad), 0.0 if probe_loss is None else float(probe_loss)],
-                        dtype=torch.float64,
-                        device=next(model.parameters()).device)
-    all_reduce_sum(flag)
-    world = torch_dist.get_world_size() if torch_dist.is_available() and \
-        torch_dist.is_initialized() else 1
-    bad, probe = int(flag[0].item()), flag[1].item() / world
-    if bad:
-        return f"{bad} parameter/optimizer tensors are not finite"
-    if probe_loss is not None:
-        if not math.isfinite(probe):
-            return f"its loss is {probe}"
-        limit = guard.factor * guard.best if guard.factor and math.isfinite(guard.best) else None
-        if limit is not None and probe > limit:
-            return (f"its loss {probe:.4g} is over {guard.factor}x the best average "
-                    f"{guard.best:.4g} (exploding)")
-    return None
-
-
-def _replace_dir(tmp, final):
-    # Directories cannot be swapped atomically; keep the old one as final.old until the new
-    # one is in place, and let find_sharded fall back to it.
-    old = f"{final}.old"
-    if os.path.exists(final):
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
-def find_sharded(path):
-    """The DCP directory to load: path, or path.old if a save was interrupted mid-swap."""
-    for p in (path, f"{path}.old"):
-        if os.path.isfile(os.path.join(p, ".metadata")):
-            return p
-    return None
-
-
-def save_sharded(path, model, optimizer, extra, dist):
-    """A DCP checkpoint directory for an FSDP2 model: every rank writes its shards of the
-    model and optimizer; rank 0 writes `extra` (step, config, data position, RNG of every
-    rank...) to extra.pt. Written to path.tmp and swapped in, like save_checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    tmp = f"{path}.tmp"
-    if dist.is_main and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    if dist.is_main:
-        save_checkpoint(os.path.join(tmp, "extra.pt"), extra)
-    barrier()
-    if dist.is_main:
-        _replace_dir(tmp, path)
-    barrier()
-
-
-def load_sharded(path, model, optimizer, config=None, config_key="model_config"):
-    """Load a save_sharded directory into an FSDP2 model/optimizer (any world size: DCP
-    reshards). Returns `extra`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    found = find_sharded(path)
-    if found is None:
-        raise UserError(f"no sharded checkpoint at {path}; check the path (or drop --resume)")
-    extra = load_checkpoint(os.path.join(found, "extra.pt"), config, config_key)
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=found)
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    return extra
-
-
-def capture_rng_state():
-    """The RNG state of this process as tensors and ints only (loadable with weights_only)."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state):
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_objects(obj, dist):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one without a group)."""
-    if dist.world_size == 1 or not torch_dist.is_initialized():
-        return [obj]
-    out = [None] * dist.world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging and safety
+# What a run logs besides its loss
 
 def ensure_writable_dir(path, flag="--out_dir"):
     """Create `path` if needed and check that files can be written in it; UserError (one
@@ -780,305 +528,6 @@ def ensure_writable_dir(path, flag="--out_dir"):
     except OSError as e:
         raise UserError(f"cannot write to {flag} {path}: {e.strerror or e}; "
                         f"pick a writable {flag}") from None
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-class RunLock:
-    """One run at a time per out_dir: a lock file (out_dir/run.lock) holding the owner's
-    host and PID, created with O_EXCL so that two runs starting together cannot both win.
-
-    A second run in the same out_dir is refused with one line naming the PID. A lock left by
-    a killed run (kill -9, a crashed node) is stale when its PID is dead on this host; it is
-    taken over with a note. A lock from another host cannot be checked from here: the
-    message says to delete it if that run is gone. Only rank 0 takes it (enabled)."""
-
-    NAME = "run.lock"
-
-    def __init__(self, out_dir, enabled=True):
-        self.path = os.path.join(out_dir, self.NAME)
-        self.held = False
-        if not enabled:
-            return
-        import socket
-        ensure_writable_dir(out_dir)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is None or (owner.get("host") == me["host"]
-                                     and not _pid_alive(int(owner.get("pid", -1)))):
-                    print(f"note: taking over the stale lock {self.path} "
-                          f"(its run, pid {owner and owner.get('pid')}, is gone)", file=sys.stderr)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(self.path)
-                    continue
-                where = "" if owner.get("host") == me["host"] else f" on host {owner.get('host')}"
-                raise UserError(f"another run (pid {owner.get('pid')}{where}) is using "
-                                f"{out_dir}; wait for it to finish, use another --out_dir, or "
-                                f"delete {self.path} if that run is gone") from None
-            except OSError as e:
-                raise UserError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}; "
-                                "pick a writable --out_dir") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            import atexit
-            atexit.register(self.release)
-            return
-        raise UserError(f"cannot take the lock {self.path}; delete it if no run is using "
-                        f"{out_dir}")
-
-    def _owner(self):
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            # half-written (the owner was killed between create and write): stale if old
-            try:
-                return None if time.time() - os.path.getmtime(self.path) > 10 else {"pid": "?"}
-            except OSError:
-                return None
-
-    def release(self):
-        if self.held:
-            self.held = False
-            with contextlib.suppress(OSError):
-                os.remove(self.path)
-
-
-_RUN_RESOURCES = []  # locks and signal handlers taken by the trainer call now running
-
-
-def trainer(fn):
-    """Decorate a trainer's main: whatever way it ends (return, error, Ctrl-C), the run lock
-    it took is released and the signal handlers it installed are restored, so that tests (and
-    notebooks) can run trainers one after another in one process."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        depth = len(_RUN_RESOURCES)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            while len(_RUN_RESOURCES) > depth:
-                _RUN_RESOURCES.pop().release()
-    return run
-
-
-def start_run(out_dir, ckpt, resume, is_main=None):
-    """What every run does first, in this order: take the out_dir lock (so that a second run
-    cannot interleave with this one), refuse to overwrite an earlier run's checkpoint unless
-    resuming, and remove a .tmp that a killed save left (safe: we hold the lock). Only rank 0
-    (env RANK) touches the directory. Returns (RunLock, StopSignals)."""
-    is_main = int(os.environ.get("RANK", 0)) == 0 if is_main is None else is_main
-    lock = RunLock(out_dir, enabled=is_main)
-    _RUN_RESOURCES.append(lock)
-    check_fresh_start(ckpt, resume)
-    if is_main:
-        remove_stale_tmp(ckpt)
-    signals = StopSignals()
-    _RUN_RESOURCES.append(signals)
-    return lock, signals
-
-
-def finished_message(path, step, total):
-    return (f"{path} is already finished ({step} of {total} steps): nothing to do; raise "
-            "--max_steps to train on, or start a new run with another --out_dir")
-
-
-def end_if_finished(dist, path, step, total):
-    """A resumed run that is already at its last step: say so (rank 0), release the process
-    group this run set up, and return True; the trainer then returns without training."""
-    if step < total:
-        return False
-    if dist.is_main:
-        print(finished_message(path, step, total), flush=True)
-    if dist.initialized_here:
-        teardown_distributed()
-    return True
-
-
-def guarded_save(save, step, last_ckpt, model, optimizer, guard, probe_loss):
-    """save(step) only when checkpoint_problem finds nothing wrong with the state; otherwise
-    raise TrainingDiverged naming the last good checkpoint (which resumes). Returns the path
-    save() returns."""
-    problem = checkpoint_problem(model, optimizer, probe_loss, guard)
-    if problem:
-        keep = (f"the last good checkpoint is {last_ckpt} (resume it with --resume and a lower "
-                "--lr)") if last_ckpt else "no checkpoint was written yet"
-        raise TrainingDiverged(f"the weights after step {step} are diverging ({problem}), so "
-                               f"they were not saved; {keep}")
-    return save(step)
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (a pre-empted or cancelled job) set .requested instead of
-    killing the run; the training loop checks it once per step, saves a checkpoint and exits
-    (Interrupted: 130 for SIGINT, 143 for SIGTERM). A second signal kills the run at once,
-    as usual. Under torchrun every rank gets the signal; should_stop() all-reduces the flag
-    so that all ranks stop after the same step."""
-
-    def __init__(self):
-        import signal
-        self.requested = None
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: keep the default behaviour
-                pass
-
-    def _handle(self, signum, frame):
-        import signal
-        self.requested = signum
-        for sig, old in self._old.items():  # a second signal acts normally
-            signal.signal(sig, old)
-
-    def should_stop(self, device):
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        return bool(all_reduce_sum(flag).item() > 0)
-
-    def exit_code(self):
-        import signal
-        return 143 if self.requested == signal.SIGTERM else 130
-
-    def name(self):
-        import signal
-        return "SIGTERM" if self.requested == signal.SIGTERM else "SIGINT"
-
-    def release(self):
-        import signal
-        for sig, old in self._old.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, old)
-        self._old = {}
-
-
-class RunLogger:
-    """metrics.jsonl (one JSON object per log call) and metrics.csv in out_dir, plus wandb when
-    asked for and installed. Only the main rank writes (enabled=False elsewhere). New keys
-    (val loss appearing later, say) rewrite the CSV header from the JSONL.
-
-    The logs hold the run's true history: a fresh run (resume_step None) moves the logs of an
-    earlier run that never checkpointed aside to metrics.jsonl.old; a run resumed from the
-    checkpoint of step S drops the rows logged after S (they are logged again), so no step
-    appears twice."""
-
-    def __init__(self, out_dir, cfg=None, enabled=True, use_wandb=False, project="dyt", name="",
-                 resume_step=None):
-        self.enabled = enabled
-        self.jsonl = os.path.join(out_dir, "metrics.jsonl")
-        self.csv = os.path.join(out_dir, "metrics.csv")
-        self.columns = []
-        self.wandb = None
-        if not enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(self.jsonl) and resume_step is None:
-            os.replace(self.jsonl, self.jsonl + ".old")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.csv)
-        if os.path.exists(self.jsonl):  # resuming: keep the columns seen so far
-            rows = self._rows()
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            for row in kept:
-                self.columns += [k for k in row if k not in self.columns]
-            if len(kept) != len(rows) or not os.path.exists(self.csv):
-                self._rewrite(kept)
-        if use_wandb:
-            try:
-                import wandb
-                self.wandb = wandb.init(project=project, name=name or None,
-                                        config=config_dict(cfg) if cfg is not None else None)
-            except ImportError:
-                print("warning: --wandb given but wandb is not installed; logging to files only",
-                      file=sys.stderr)
-
-    def _rows(self):
-        rows = []
-        with open(self.jsonl) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut short by a kill: not part of the history
-                    pass
-        return rows
-
-    def _rewrite(self, rows):
-        # both files via tmp + os.replace: a kill during the rewrite loses no rows
-        for path, write in ((self.jsonl, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows)),
-                            (self.csv, lambda f: self._write_csv(f, rows))):
-            with open(path + ".tmp", "w", newline="") as f:
-                write(f)
-            os.replace(path + ".tmp", path)
-
-    def _write_csv(self, f, rows):
-        w = csv.DictWriter(f, fieldnames=self.columns)
-        w.writeheader()
-        w.writerows(rows)
-
-    def log(self, row):
-        if not self.enabled:
-            return
-        row = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v)
-               for k, v in row.items()}
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        new = [k for k in row if k not in self.columns]
-        if new or not os.path.exists(self.csv):
-            self.columns += new
-            with open(self.csv, "w", newline="") as f:
-                self._write_csv(f, self._rows())
-        else:
-            with open(self.csv, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
-        if self.wandb is not None:
-            self.wandb.log(row, step=row.get("step"))
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-class LossGuard:
-    """Stops a run whose loss is NaN/inf or has exploded (above explode_factor times the
-    lowest exponential moving average of the loss seen so far; after `patience` steps, so the
-    noisy first steps never trigger it). explode_factor 0: only the NaN/inf check."""
-
-    def __init__(self, explode_factor=4.0, patience=5, ema=0.9):
-        self.factor, self.patience, self.beta = explode_factor, patience, ema
-        self.ema, self.best, self.seen = None, float("inf"), 0
-
-    def check(self, loss, step, last_ckpt=None):
-        keep = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else \
-            "; no checkpoint was written yet"
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss} at step {step}: training diverged{keep} "
-                                   "(try a lower --lr or longer --warmup_steps)")
-        self.seen += 1
-        self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
-        if self.seen > self.patience and self.factor and loss > self.factor * self.best:
-            raise TrainingDiverged(f"loss {loss:.4g} at step {step} is over {self.factor}x "
-                                   f"its best average {self.best:.4g}: training exploded"
-                                   f"{keep} (try a lower --lr)")
-        self.best = min(self.best, self.ema)
-        return loss
-
-    def state_dict(self):
-        return {"ema": self.ema, "best": self.best, "seen": self.seen}
-
-    def load_state_dict(self, s):
-        self.ema, self.best, self.seen = s["ema"], s["best"], s["seen"]
 
 
 def dyt_alphas(model):
@@ -1117,20 +566,6 @@ def mfu(flops_per_token, tokens_per_second_per_device, device):
     """Model FLOPs utilisation of one device, or None where its peak is unknown."""
     peak = peak_flops(device)
     return None if peak is None else flops_per_token * tokens_per_second_per_device / peak
-
-
-class Timer:
-    """Wall time between calls to lap(); synchronises CUDA so that times are real."""
-
-    def __init__(self, device):
-        self.device, self.t = device, time.perf_counter()
-
-    def lap(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
 
 
 # ---------------------------------------------------------------------------------------------

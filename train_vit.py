@@ -20,19 +20,18 @@ import contextlib
 import copy
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import train_common as tc
-from train_common import UserError
 import data_vision
+import train_common as tc
+from run import Run
+from train_common import UserError
 from augment import augment_images, mixup_cutmix, random_erasing, smooth_one_hot
 from data_vision import DATASETS, ImageLoader, InMemoryImages
-from dyt import NORMS
 from model import ViT, ViTConfig, VIT_PRESETS, dyt_layers, num_params
 
 # A run shorter than twice its warmup would spend most of itself (or all of it) below the peak
@@ -54,8 +53,6 @@ class ViTTrainConfig(tc.TrainConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = field(default=1.0, metadata={"help": "0 disables clipping"})
-    stop_at: int = field(default=0, metadata={
-        "help": "checkpoint and stop after this step, as if interrupted; --resume continues"})
     log_interval: int = 50
     ckpt_interval: int = field(default=100, metadata={
         "help": "steps between checkpoints (0: final only); SIGINT/SIGTERM also save"})
@@ -70,18 +67,9 @@ class ViTTrainConfig(tc.TrainConfig):
     micro_batch: int = field(default=0, metadata={
         "help": "per rank and forward pass; 0: batch_size / world size (no accumulation)"})
     eval_batch: int = 500
-    # model (model.ViTConfig)
-    norm: str = field(default="dyt", metadata={"choices": list(NORMS)})
-    alpha0: float = field(default=0.5, metadata={"help": "DyT's alpha init"})
-    dyt_gamma0: float = field(default=1.0, metadata={"help": "DyT/Derf gamma init (the papers': 1)"})
-    img_size: int = 28
-    patch_size: int = 7
-    dim: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    pool: str = field(default="cls", metadata={"choices": ["cls", "avg"]})
-    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth of the last block"})
+    # the model: a 4-block ViT with DyT on 28x28 images (16 patches of 7x7)
+    model: ViTConfig = field(default_factory=lambda: ViTConfig(img_size=28, patch_size=7, dim=128,
+                                                               depth=4, heads=4, norm="dyt"))
     # augmentation and regularisation
     crop_pad: int = field(default=2, metadata={"help": "small images: pad and random-crop; 0: off"})
     hflip: bool = True
@@ -97,10 +85,7 @@ class ViTTrainConfig(tc.TrainConfig):
         "help": "steps between DyT alpha & 1/std readouts; 0: at each evaluation"})
 
     def model_config(self, num_classes, in_chans):
-        return ViTConfig(img_size=self.img_size, patch_size=self.patch_size, in_chans=in_chans,
-                         num_classes=num_classes, dim=self.dim, depth=self.depth, heads=self.heads,
-                         mlp_ratio=self.mlp_ratio, pool=self.pool, drop_path=self.drop_path,
-                         norm=self.norm, alpha0=self.alpha0, gamma0=self.dyt_gamma0)
+        return dataclasses.replace(self.model, num_classes=num_classes, in_chans=in_chans)
 
 
 # The DyT paper's ImageNet-1K recipe (from ConvNeXt's codebase), and the ViT study's
@@ -128,19 +113,20 @@ PRESETS["cifar100"] = dict(PRESETS["cifar10"], dataset="cifar100")
 
 def check_flags(cfg):
     """One-line errors for flag values the parser's types cannot catch."""
-    if cfg.img_size % cfg.patch_size:
-        raise UserError(f"--img_size {cfg.img_size} is not a multiple of --patch_size "
-                        f"{cfg.patch_size}; pick a patch size that divides it")
-    if cfg.dim % cfg.heads:
-        raise UserError(f"--dim {cfg.dim} is not a multiple of --heads {cfg.heads}")
-    for name in ("epochs", "batch_size", "eval_batch", "depth", "dim", "heads", "alpha0", "dyt_gamma0"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("reprob", "label_smoothing", "mixup_switch_prob", "drop_path"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise UserError(f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    m = cfg.model
+    if m.img_size % m.patch_size:
+        raise UserError(f"--img_size {m.img_size} is not a multiple of --patch_size "
+                        f"{m.patch_size}; pick a patch size that divides it")
+    if m.dim % m.heads:
+        raise UserError(f"--dim {m.dim} is not a multiple of --heads {m.heads}")
+    for flag, value in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size),
+                        ("eval_batch", cfg.eval_batch), ("depth", m.depth), ("dim", m.dim),
+                        ("heads", m.heads), ("alpha0", m.alpha0), ("dyt_gamma0", m.gamma0)):
+        tc.need(value > 0, flag, value, "positive")
+    for flag, value in (("reprob", cfg.reprob), ("label_smoothing", cfg.label_smoothing),
+                        ("mixup_switch_prob", cfg.mixup_switch_prob), ("drop_path", m.drop_path)):
+        tc.need(0 <= value <= 1, flag, value, "in [0, 1]")
+    tc.need(0 <= cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "in [0, 1)")
     if cfg.fsdp:
         raise UserError("--fsdp is for train_gpt.py; ViTs up to L train with DDP")
 
@@ -167,10 +153,6 @@ def batch_plan(cfg, n_train, world_size):
                         f"({n_train} images); lower it")
     micro = cfg.micro_batch or cfg.batch_size // world_size
     return steps_per_epoch, micro, tc.accumulation_steps(cfg.batch_size, micro, world_size, unit="images")
-
-
-def ckpt_path(cfg):
-    return os.path.join(cfg.out_dir, "ckpt.pt")
 
 
 class EMA:
@@ -240,194 +222,131 @@ def dyt_readout(model, probe, autocast):
 
 def load_data(cfg, device):
     """(train, test, classes, channels) for the config's dataset (data_vision.load_images)."""
-    return data_vision.load_images(cfg.dataset, cfg.data_dir, device, cfg.img_size,
+    return data_vision.load_images(cfg.dataset, cfg.data_dir, device, cfg.model.img_size,
                                    cfg.download, cfg.randaug_n, cfg.randaug_m)
+
+
+@torch.no_grad()
+def probe_loss(model, x, targets, autocast):
+    """The loss of the weights about to be saved, on the step's last micro-batch: a checkpoint
+    is written only from a state that is finite and not exploding (checkpoint_problem)."""
+    model.eval()
+    with autocast:
+        loss = soft_cross_entropy(model(x), targets)
+    model.train()
+    return loss.item()
 
 
 # ---------------------------------------------------------------------------------------------
 
-@tc.trainer
 def train(argv=None):
     cfg, preset, given = tc.parse_config(ViTTrainConfig, PRESETS, argv, default_preset="fashion_mnist",
                                          description="Train a ViT with LayerNorm or DyT.")
     check_flags(cfg)
-    cfg.out_dir = cfg.out_dir or os.path.join("out", f"vit_{cfg.norm}")
-    _, signals = tc.start_run(cfg.out_dir, ckpt_path(cfg), cfg.resume)
-    dist = tc.setup_distributed(cfg.device)
-    device = dist.device
-    tc.setup_float_math(device, cfg.flush_subnormals)
-    autocast = tc.autocast_context(device, cfg.dtype)
-
-    # data, and the schedule in steps
-    train_set, test_set, classes, chans = load_data(cfg, device)
-    steps_per_epoch, micro, accum = batch_plan(cfg, len(train_set), dist.world_size)
-    steps, warmup, warmup_note = derive_steps(cfg, steps_per_epoch, given)
-    schedule = dataclasses.replace(cfg, max_steps=steps, warmup_steps=warmup)
-
-    # model: the same seed on every rank gives the same initial weights
-    mcfg = cfg.model_config(classes, chans)
-    torch.manual_seed(cfg.seed)
-    model = ViT(mcfg).to(device)
-    raw = model
-    ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    optimizer = tc.build_optimizer(raw, cfg, device)
-    augment = lambda x, rng: augment_images(x, rng, cfg.crop_pad, cfg.hflip, cfg.randaug_n, cfg.randaug_m)
-    loader = ImageLoader(train_set, cfg.batch_size, micro, accum, dist.rank, cfg.seed, steps,
-                         device, augment=augment, workers=cfg.workers)
-    guard = tc.LossGuard(cfg.explode_factor)
-    path = ckpt_path(cfg)
-    start_step, last_ckpt = 0, None
-    tc.seed_everything(cfg.seed, dist.rank)
-
-    if cfg.resume:
-        extra = tc.load_checkpoint(path, config=asdict(mcfg), map_location=device)
-        if extra.get("batch_size") != cfg.batch_size:
-            raise UserError(f"{path} was trained with --batch_size {extra.get('batch_size')}; "
-                            "resume with the same global batch (or another --out_dir)")
-        raw.load_state_dict(extra["model"])
-        optimizer.load_state_dict(extra["optimizer"])
-        if ema is not None and extra.get("ema") is not None:
-            ema.model.load_state_dict(extra["ema"])
-        start_step = extra["step"]
-        guard.load_state_dict(extra["guard"])
-        tc.restore_rng_state(extra["rng"])
-        last_ckpt = path
-        if tc.end_if_finished(dist, path, start_step, steps):
+    cfg.out_dir = cfg.out_dir or os.path.join("out", f"vit_{cfg.model.norm}")
+    with Run(cfg) as run:
+        dist, device = run.dist, run.dist.device
+        autocast = tc.autocast_context(device, cfg.dtype)
+        # data, and the schedule in steps
+        train_set, test_set, classes, chans = load_data(cfg, device)
+        steps_per_epoch, micro, accum = batch_plan(cfg, len(train_set), dist.world_size)
+        steps, warmup, warmup_note = derive_steps(cfg, steps_per_epoch, given)
+        cfg.max_steps, cfg.warmup_steps = steps, warmup
+        # model: the same seed on every rank gives the same initial weights
+        mcfg = cfg.model_config(classes, chans)
+        torch.manual_seed(cfg.seed)
+        model = ViT(mcfg).to(device)
+        if cfg.activation_checkpointing:
+            tc.apply_activation_checkpointing(model)
+        ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        optimizer = tc.build_optimizer(model, cfg, device)
+        augment = lambda x, rng: augment_images(x, rng, cfg.crop_pad, cfg.hflip, cfg.randaug_n, cfg.randaug_m)
+        loader = ImageLoader(train_set, cfg.batch_size, micro, accum, dist.rank, cfg.seed, steps,
+                             device, augment=augment, workers=cfg.workers)
+        ckpt = run.checkpointer(model, optimizer, asdict(mcfg))
+        tc.seed_everything(cfg.seed, dist.rank)
+        start = 0
+        if cfg.resume:
+            state = ckpt.load()
+            if state.get("batch_size") != cfg.batch_size:
+                raise UserError(f"{ckpt.path} was trained with --batch_size {state.get('batch_size')}; "
+                                "resume with the same global batch (or another --out_dir)")
+            if ema is not None and state.get("ema") is not None:
+                ema.model.load_state_dict(state["ema"])
+            start = state["step"]
+        if run.finished(start, steps):
             return None
+        stepped = tc.wrap_ddp(model, dist)  # what the steps run
+        if cfg.compile:
+            stepped = torch.compile(stepped)
+        # a fixed probe batch for the DyT readout (alpha against 1/std of each DyT's input)
+        probe = (test_set.batch(np.arange(min(256, len(test_set))))[0] if isinstance(test_set, InMemoryImages)
+                 else next(iter(torch.utils.data.DataLoader(test_set, batch_size=64)))[0].to(device))
 
-    model = tc.wrap_ddp(model, dist)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    def save(step):
-        if dist.is_main:
-            tc.save_checkpoint(path, {
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                "ema": ema.model.state_dict() if ema is not None else None,
-                "step": step, "batch_size": cfg.batch_size, "guard": guard.state_dict(),
-                "rng": tc.capture_rng_state(), "model_config": asdict(mcfg),
-                "config": tc.config_dict(cfg)})
-        tc.barrier()
-        return path
-
-    def checked_save(step, x, targets):
-        # the loss of the weights about to be saved, on the step's last micro-batch: a
-        # checkpoint is written only from a state that is finite and not exploding
-        # (tc.checkpoint_problem)
-        raw.eval()
-        with torch.no_grad(), autocast:
-            probe_loss = soft_cross_entropy(raw(x), targets)
-        raw.train()
-        return tc.guarded_save(save, step, last_ckpt, raw, optimizer, guard, probe_loss.item())
-
-    # A fixed probe batch for the DyT readout (alpha against 1/std of each DyT's input).
-    probe = (test_set.batch(np.arange(min(256, len(test_set))))[0] if isinstance(test_set, InMemoryImages)
-             else next(iter(torch.utils.data.DataLoader(test_set, batch_size=64)))[0].to(device))
-
-    def run_eval(done, final=False):
-        # The plain model, not DDP's wrapper: ranks may run different numbers of eval batches.
-        row = {"step": done, "epoch": done / steps_per_epoch}
-        row["test_top1"], row["test_top5"], row["test_loss"] = evaluate(raw, test_set, cfg, dist, autocast)
-        if ema is not None:
-            row["ema_top1"], row["ema_top5"], row["ema_loss"] = evaluate(ema.model, test_set, cfg, dist, autocast)
-        if dist.is_main:
-            row.update(dyt_readout(raw, probe, autocast))
+        def run_eval(done):
+            # the plain model, not DDP's wrapper: ranks may run different numbers of eval batches
+            row = {"step": done, "epoch": done / steps_per_epoch}
+            row["test_top1"], row["test_top5"], row["test_loss"] = evaluate(model, test_set, cfg, dist, autocast)
+            if ema is not None:
+                row["ema_top1"], row["ema_top5"], row["ema_loss"] = evaluate(ema.model, test_set, cfg, dist, autocast)
+            if dist.is_main:
+                row.update(dyt_readout(model, probe, autocast))
             ema_text = f", EMA top-1 {row['ema_top1']:.4f}" if ema is not None else ""
-            bar.write(f"{'final' if final else 'eval'} step {done} epoch {row['epoch']:.2f}: test "
-                      f"top-1 {row['test_top1']:.4f} top-5 {row['test_top5']:.4f} loss "
+            run.print(f"{'final' if done == steps else 'eval'} step {done} epoch {row['epoch']:.2f}: "
+                      f"test top-1 {row['test_top1']:.4f} top-5 {row['test_top5']:.4f} loss "
                       f"{row['test_loss']:.4f}{ema_text}")
-        return row
+            return row
 
-    logger = tc.RunLogger(cfg.out_dir, cfg, dist.is_main, cfg.wandb, cfg.wandb_project,
-                          cfg.run_name, resume_step=start_step if cfg.resume else None)
-    if dist.is_main:
-        print(f"preset {preset}: ViT {mcfg.dim}x{mcfg.depth} norm={cfg.norm}, "
-              f"{num_params(raw):,} parameters; {cfg.dataset} {len(train_set)} train / "
-              f"{len(test_set)} test; {steps} steps ({steps_per_epoch}/epoch, warmup {warmup}) of "
-              f"{cfg.batch_size} images = {dist.world_size} rank(s) x {accum} micro-steps x "
-              f"{micro}; device {device}", flush=True)
-        if warmup_note:
-            print(warmup_note, flush=True)
-
-    from tqdm import tqdm
-    bar = tqdm(total=steps, initial=start_step, desc=f"train {cfg.norm}", dynamic_ncols=True,
-               file=sys.stdout, disable=not dist.is_main)
-    timer = tc.Timer(device)
-    final = None
-    stopping = False
-    model.train()
-    for step in range(start_step, steps):
-        lr = tc.lr_at(step, schedule)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for j, (x, y, rng) in enumerate(loader.next_step(step)):
-            # batch-level augmentation, drawn from the micro-batch's own rng (see ImageLoader)
-            if cfg.reprob > 0:
-                x = random_erasing(x, rng, cfg.reprob)
-            targets = smooth_one_hot(y, classes, cfg.label_smoothing)
-            x, targets = mixup_cutmix(x, targets, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob)
-            last = j == accum - 1
-            sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else \
-                contextlib.nullcontext()
-            with sync:  # DDP all-reduces the gradients on the last micro-step only
-                with autocast:
-                    loss = soft_cross_entropy(model(x), targets) / accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = tc.clip_grad_norm(model, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(raw)
-        # the step's loss: the mean over the global batch (each rank's mean, averaged)
-        train_loss = tc.all_reduce_sum(loss_sum).item() / dist.world_size
-        dt = timer.lap()
-        images_per_s = cfg.batch_size / dt
-
-        try:
-            guard.check(train_loss, step + 1, last_ckpt)
-        except tc.TrainingDiverged:
-            bar.close()
-            raise
-        done = step + 1
-        is_last = done == steps
-        if done % cfg.log_interval == 0 or is_last:
-            row = {"step": done, "epoch": done / steps_per_epoch, "loss": train_loss, "lr": lr,
-                   "grad_norm": grad_norm, "images_per_s": images_per_s}
-            if cfg.dyt_std_interval == 0:
-                row.update(tc.dyt_alphas(raw))
-            logger.log(row)
-        if cfg.dyt_std_interval and done % cfg.dyt_std_interval == 0 and dist.is_main:
-            logger.log({"step": done, **dyt_readout(raw, probe, autocast)})
-        if done % (cfg.eval_interval or steps_per_epoch) == 0 or is_last:
-            final = run_eval(done, final=is_last)
-            logger.log(final)
-        stopping = done == cfg.stop_at and not is_last
-        signalled = signals.should_stop(device)
-        if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or is_last or stopping \
-                or signalled:
-            try:
-                last_ckpt = checked_save(done, x, targets)
-            except tc.TrainingDiverged:
-                bar.close()
-                raise
-        if signalled and not is_last:
-            bar.close()
-            logger.close()
-            raise tc.Interrupted(f"{signals.name()} at step {done}: saved {last_ckpt}; continue "
-                                 "with the same command and --resume", signals.exit_code())
-        timer.lap()  # evaluation and saving do not count against images/s
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}",
-                        refresh=False)
-        bar.update(1)
-        if stopping:
-            break
-    bar.close()
-    logger.close()
-    if dist.initialized_here:
-        tc.teardown_distributed()
-    return final
+        if dist.is_main:
+            print(f"preset {preset}: ViT {mcfg.dim}x{mcfg.depth} norm={mcfg.norm}, "
+                  f"{num_params(model):,} parameters; {cfg.dataset} {len(train_set)} train / "
+                  f"{len(test_set)} test; {steps} steps ({steps_per_epoch}/epoch, warmup {warmup}) of "
+                  f"{cfg.batch_size} images = {dist.world_size} rank(s) x {accum} micro-steps x "
+                  f"{micro}; device {device}", flush=True)
+            if warmup_note:
+                print(warmup_note, flush=True)
+        final = None
+        model.train()
+        run.begin(start, steps, desc=f"train {mcfg.norm}")
+        for step in run.steps():
+            lr = tc.set_lr(optimizer, tc.lr_at(step, cfg))
+            loss_sum = torch.zeros((), device=device)
+            for j, (x, y, rng) in enumerate(loader.next_step(step)):
+                # batch-level augmentation, drawn from the micro-batch's own rng (see ImageLoader)
+                if cfg.reprob > 0:
+                    x = random_erasing(x, rng, cfg.reprob)
+                targets = smooth_one_hot(y, classes, cfg.label_smoothing)
+                x, targets = mixup_cutmix(x, targets, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob)
+                no_sync = stepped.no_sync() if hasattr(stepped, "no_sync") and j < accum - 1 else contextlib.nullcontext()
+                with no_sync:  # DDP all-reduces the gradients on the last micro-step only
+                    with autocast:
+                        loss = soft_cross_entropy(stepped(x), targets) / accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = tc.clip_grad_norm(stepped, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            # the step's loss: the mean over the global batch (each rank's mean, averaged)
+            train_loss = tc.all_reduce_sum(loss_sum).item() / dist.world_size
+            images_per_s = cfg.batch_size / run.step_seconds()
+            done = step + 1
+            run.check(train_loss, lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+            if run.due(done, cfg.log_interval):
+                run.log({"step": done, "epoch": done / steps_per_epoch, "loss": train_loss, "lr": lr,
+                         "grad_norm": grad_norm, "images_per_s": images_per_s,
+                         **(tc.dyt_alphas(model) if cfg.dyt_std_interval == 0 else {})})
+            if cfg.dyt_std_interval and done % cfg.dyt_std_interval == 0 and dist.is_main:
+                run.log({"step": done, **dyt_readout(model, probe, autocast)})
+            if run.due(done, cfg.eval_interval or steps_per_epoch):
+                final = run_eval(done)
+                run.log(final)
+            if run.save_due(done):
+                ckpt.save(done, probe_loss(model, x, targets, autocast), batch_size=cfg.batch_size,
+                          ema=ema.model.state_dict() if ema is not None else None,
+                          train_config=asdict(cfg))
+        return final
 
 
 def main(argv=None):

@@ -1,24 +1,29 @@
 """
-This project's own study of the small GPT (not the papers'): DyT and Derf against RMSNorm,
-each norm at its own best learning rate, as the training data grows.
+This project's own studies of the small GPT (not the papers'): DyT and Derf against RMSNorm,
+each norm at its own best learning rate, across widths and as the training data grows; and
+why the papers' gamma 1 stalls there.
 
-    python data.py prepare --input /usr/share/doc/python3.11/html/_sources --encoding byte --out data/pydocs
-    python studies/gpt_norms.py budget --data data/pydocs --widths 64 --steps 450,1800,7200 \\
-        --jobs 2 --reuse --results results/analysis
+    python studies/gpt_norms.py norms --widths 64,128 --norms rms,dyt,derf    # best lr each, seeds
+    python studies/gpt_norms.py budget --data data/pydocs --widths 64 --steps 450,1800,7200
+    python studies/gpt_norms.py saturation --norms dyt@g1,dyt,rms              # why gamma 1 stalls
 
-For each width, budget (steps of 4,096 tokens) and norm: an lr sweep at the first seed,
-extended by factors of 2 past an edge winner, then the other seeds at the best lr (at the
-budgets --seed_steps names; elsewhere the sweep alone). Warmup and decay scale with the
-budget: warmup is --warmup_fraction of the steps (1/9: the default run's 50 of 450), then
-cosine to 10% of the peak at the last step. Every run is a train_gpt.py child process with
-its own out_dir under --out_dir, checkpointing as it goes, so the study spreads over
-sittings: with --reuse a finished run is read back (from its out_dir, or from the committed
-runs table) and an unfinished one resumes from its checkpoint. SIGINT/SIGTERM stop the study
-cleanly: the running children save and the next call resumes them. The runs table and the
-summary are rewritten after every run, so what has finished is never lost.
+norms and budget: for each cell (width, budget, norm) an lr sweep at the first seed, extended
+by factors of 2 past an edge winner, then the other seeds at the best lr. budget's warmup is
+--warmup_fraction of the steps (1/9: the default run's 50 of 450), then cosine to 10% of the
+peak at the last step; it runs every seed only at the budgets --seed_steps names (elsewhere the
+sweep alone). NAME@R is a norm with output RMS R at init (--norm_out_rms), NAME@gG one with
+gamma0 G (--dyt_gamma0).
+
+Every run is a train_gpt.py child process with its own out_dir under --out_dir, --jobs at a
+time, checkpointing as it goes, so that a study spreads over sittings: with --reuse a finished
+run is read back (from its out_dir, or from the runs table committed under --results) and an
+unfinished one resumes from its checkpoint. SIGINT/SIGTERM stop a study cleanly: the running
+children save, and the same command with --reuse resumes them. The runs table and the summary
+are rewritten after every run, so what has finished is never lost.
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -28,15 +33,20 @@ import signal
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor, FIRST_EXCEPTION, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
+import checkpoint as ck  # noqa: E402
 import train_common as tc  # noqa: E402
-from analyze import AnalysisError, floats, norm_spec, pyplot, save_figure, width_flags, write_table  # noqa: E402
+from analyze import (AnalysisError, floats, gpt_val_tokens, hooks_removed_after, load_model,  # noqa: E402
+                     loss_and_accuracy, model_blocks, norm_layers, pyplot, save_figure,
+                     squash_argument, write_table)
+from dyt import NORMS  # noqa: E402
 
 BATCH_TOKENS = 16 * 256  # the default run's global batch: 16 sequences of 256 tokens
 DIVERGED = 3             # the child's exit code for a run stopped by its divergence guard
@@ -56,6 +66,43 @@ tc.main_guard(main)
 """
 
 
+def norm_spec(text):
+    """A norm and its init: 'dyt' -> ('dyt', []) (the default); 'dyt@2' -> ('dyt',
+    ['--norm_out_rms', '2']) (output RMS 2 at init: DyT's gamma set for it, or a norm's
+    weight); 'dyt@g1' -> ('dyt', ['--dyt_gamma0', '1']) (gamma 1, the papers')."""
+    name, _, init = text.partition("@")
+    if name not in NORMS:
+        raise AnalysisError(f"unknown norm {name!r} in {text!r}; choose from {', '.join(NORMS)}")
+    if not init:
+        return name, []
+    flag = "--dyt_gamma0" if init.startswith("g") else "--norm_out_rms"
+    value = init[1:] if init.startswith("g") else init
+    floats(value, f"the init of {text!r} (NAME@R: output RMS R at init; NAME@gG: gamma0 G)")
+    return name, [flag, value]
+
+
+def width_flags(width):
+    """The default GPT (4 layers, head dim 32) at another width."""
+    if width % 32:
+        raise AnalysisError(f"--widths: {width} is not a multiple of the head dim 32")
+    heads = str(width // 32)
+    return ["--dim", str(width), "--n_head", heads, "--n_kv_head", heads]
+
+
+def listed(text):
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def seeds_of(text):
+    try:
+        seeds = [int(s) for s in listed(text)]
+    except ValueError:
+        raise AnalysisError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise AnalysisError("--seeds needs at least one seed")
+    return seeds
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs: child processes, at most --jobs at a time, resumable
 
@@ -64,14 +111,14 @@ class Launcher:
     """Runs train_gpt.py children, at most `jobs` at once with OMP_NUM_THREADS=threads each.
 
     run(argv, out_dir) returns the run's result: status ("ok" or "diverged: ..."), steps,
-    train and val loss, parameters, wall seconds, tokens/s. With reuse, a run whose
-    result.json exists is read back and one with a checkpoint resumes; without it a run
-    starts over. stop() (SIGINT/SIGTERM, or a failure elsewhere) sends each running child
-    one SIGTERM: it checkpoints and exits, and run() raises tc.Interrupted."""
+    train and val loss, parameters, tokens/s. With reuse, a run whose result.json exists is
+    read back and one with a checkpoint resumes; without it a run starts over. stop()
+    (SIGINT/SIGTERM, or a failure elsewhere) sends each running child one SIGTERM: it
+    checkpoints and exits, and run() raises tc.Interrupted."""
 
     def __init__(self, jobs=1, threads=1, reuse=False):
+        self.jobs, self.threads, self.reuse = jobs, threads, reuse
         self.slots = threading.Semaphore(jobs)
-        self.threads, self.reuse = threads, reuse
         self.children, self.lock, self.stopping = set(), threading.Lock(), False
 
     def run(self, argv, out_dir):
@@ -90,7 +137,7 @@ class Launcher:
             env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONWARNINGS": "ignore"}
             print(f"--- {'resume' if resume else 'start'} {out_dir}", flush=True)
             with open(os.path.join(out_dir, "train.log"), "a") as log:
-                # its own session: a Ctrl-C at the terminal reaches the children once, from stop()
+                # its own session: a Ctrl-C at the terminal reaches the child once, from stop()
                 child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
                 with self.lock:
@@ -130,7 +177,7 @@ def read_result(out_dir, status):
     train = [r for r in log if "loss" in r]
     evals = [r for r in log if "val_loss" in r]
     result = {"status": status, "steps": train[-1]["step"] if train else 0,
-              "train_loss": train[-1]["loss"] if train else float("nan")}
+              "train_loss": train[-1]["loss"] if train else math.nan}
     if status == "ok" and evals:
         result.update(val_loss=evals[-1]["val_loss"], val_bpb=evals[-1]["val_bpb"])
     speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
@@ -138,19 +185,22 @@ def read_result(out_dir, status):
         result["tokens_per_s"] = round(float(np.median(speeds)))
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if os.path.isfile(ckpt):
-        result["params"] = sum(v.numel() for v in tc.load_checkpoint(ckpt)["model"].values())
+        result["params"] = sum(v.numel() for v in ck.load_checkpoint(ckpt)["model"].values())
     return result
 
 
+def val_loss_of(result):
+    return result.get("val_loss", math.inf) if result["status"] == "ok" else math.inf
+
+
 # ---------------------------------------------------------------------------------------------
-# The sweep of one cell (width, budget, norm), and the tables
+# A study: cells of lr sweeps over runs, their runs table and its summary
 
 
 def best_lr_then_seeds(run, lrs, seeds, extend):
     """run(lr, seed) -> val loss (inf unless ok). The lr sweep at seeds[0], extended by
-    factors of 2 past an edge winner (at most `extend` more runs: a best lr at the edge is
-    not known to be the best), then the other seeds at the best lr. Returns (sweep, best lr,
-    the losses at the best lr, one per seed)."""
+    factors of 2 past an edge winner (at most `extend` more runs: a best lr at the edge is not
+    known to be the best), then the other seeds at the best lr."""
     sweep = {lr: run(lr, seeds[0]) for lr in lrs}
     for _ in range(extend):
         best = min(sweep, key=sweep.get)
@@ -159,11 +209,186 @@ def best_lr_then_seeds(run, lrs, seeds, extend):
         lr = best * 2 if best == max(sweep) else best / 2
         sweep[lr] = run(lr, seeds[0])
     best = min(sweep, key=sweep.get)
-    return sweep, best, [sweep[best]] + [run(best, seed) for seed in seeds[1:]]
+    for seed in seeds[1:]:
+        run(best, seed)
 
 
-def val_loss_of(result):
-    return result.get("val_loss", math.inf) if result["status"] == "ok" else math.inf
+def cell_summary(runs, seeds):
+    """One cell's runs -> its best lr (of the sweep at seeds[0]), the sweep, and the mean and
+    sample std of the val loss over the seeds run at that lr; None before the sweep has a run."""
+    sweep = {r["lr"]: val_loss_of(r) for r in runs if r["seed"] == seeds[0]}
+    if not sweep:
+        return None
+    best = min(sweep, key=sweep.get)
+    at_best = [val_loss_of(r) for r in runs if r["lr"] == best and r["seed"] in seeds]
+    ok = [v for v in at_best if math.isfinite(v)]
+    return {"best_lr": best,
+            "swept (lr: val loss at seed %d)" % seeds[0]: " ".join(f"{lr:g}:{sweep[lr]:.4f}" for lr in sorted(sweep)),
+            "seeds": len(at_best), "diverged": len(at_best) - len(ok),
+            "val_loss_mean": round(float(np.mean(ok)), 4) if ok else math.nan,
+            "val_loss_std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else 0.0}
+
+
+def recorded_runs(path_stem, title, key):
+    """The runs of a committed runs table (NAME.csv), keyed by key(row), if its NAME.md was
+    written under the same title (budget, data, train args: another setup's runs are not these).
+    Run directories are scratch that a fresh checkout lacks; the table is committed, so a later
+    session or machine can add seeds or lrs to a study without retraining what it holds."""
+    md, table = f"{path_stem}.md", f"{path_stem}.csv"
+    if not (os.path.isfile(md) and os.path.isfile(table)):
+        return {}
+    with open(md) as f:
+        if f.readline().rstrip("\n") != f"## {title}":
+            print(f"note: {table} was recorded under another setup; its runs are not reused")
+            return {}
+    with open(table, newline="") as f:
+        rows = [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    return {key(r): r for r in rows}
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+class Study:
+    """The runs of one study, by key (`keys`: the fields that name a run): those recorded in
+    its committed runs table (with --reuse) and those made now. After every run the runs table
+    (every run, also those this call did not ask for: none already paid for is lost) and
+    summarize(runs) are written."""
+
+    def __init__(self, args, name, title, keys, summarize):
+        self.results, self.name, self.title, self.keys = args.results, name, title, keys
+        self.summarize = summarize
+        key = lambda r: tuple(r[k] for k in keys)
+        self.recorded = recorded_runs(os.path.join(args.results, f"{name}_runs"), title, key) if args.reuse else {}
+        self.runs, self.lock = dict(self.recorded), threading.Lock()
+        self.launcher = Launcher(args.jobs, args.threads, args.reuse)
+
+    def run(self, fields, argv, out_dir):
+        """The val loss (inf unless ok) of the run named by `fields`: recorded, or trained."""
+        key = tuple(fields[k] for k in self.keys)
+        result = self.recorded.get(key)
+        if result is None:
+            result = {**fields, **self.launcher.run(argv, out_dir)}
+            if "tokens" in result and result.get("params"):
+                result["tokens_per_param"] = round(result["tokens"] / result["params"], 2)
+            with self.lock:
+                self.runs[key] = result
+            self.write()
+        return val_loss_of(result)
+
+    def write(self):
+        with self.lock:
+            rows = [self.runs[k] for k in sorted(self.runs)]
+            write_table(rows, self.results, f"{self.name}_runs", self.title, quiet=True)
+            return self.summarize(rows)
+
+    def go(self, cells):
+        """Run every cell (a callable that runs its runs one after another), --jobs cells at a
+        time. SIGINT/SIGTERM make the children save and the study stop; a failure in one cell
+        stops the others the same way. Returns the summary of every run."""
+        handlers = {sig: signal.signal(sig, lambda *_: self.launcher.stop())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with ThreadPoolExecutor(max_workers=self.launcher.jobs) as pool:
+                futures = [pool.submit(cell) for cell in cells]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                if any(f.exception() for f in done):
+                    self.launcher.stop()
+                errors = [f.exception() for f in futures if f.exception() is not None]
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        summary = self.write()
+        failure = next((e for e in errors if not isinstance(e, tc.Interrupted)), None)
+        if failure is not None:
+            raise failure
+        if errors:
+            raise tc.Interrupted(f"stopped: {len(errors)} cells unfinished; the same command with "
+                                 "--reuse resumes them", 143)
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# norms: each norm at its own best lr, per width (the default run's budget)
+
+
+def cmd_norms(args):
+    """For each width and norm: an lr sweep at the first seed, then the other seeds at the
+    best lr. Each norm is compared at its own best lr: the fair comparison. --preset runs a
+    train_gpt.py preset (its shape, steps and batch) instead of the default run at --widths."""
+    import train_gpt
+    if args.preset and args.widths:
+        raise AnalysisError("--preset sets the width (its --dim); drop --widths")
+    if args.preset and args.preset not in train_gpt.PRESETS:
+        raise AnalysisError(f"--preset {args.preset!r}: choose one of {', '.join(train_gpt.PRESETS)}")
+    widths = ([train_gpt.PRESETS[args.preset].get("dim", train_gpt.GPTTrainConfig().model.dim)]
+              if args.preset else [int(w) for w in floats(args.widths or "128", "--widths")])
+    specs = listed(args.norms)
+    for s in specs:
+        norm_spec(s)
+    lrs, seeds = floats(args.lrs, "--lrs"), seeds_of(args.seeds)
+    budget = f"--max_steps {args.steps}" if args.steps else (
+        "the preset's steps" if args.preset else "the default 450 steps")
+    budget = f"--preset {args.preset}, {budget}" if args.preset else budget
+    name = f"norms_gpt{args.tag}"
+    out_root = os.path.abspath(args.out_dir)
+
+    def summarize(runs):
+        rows = []
+        for width in widths:
+            for spec in specs:
+                row = cell_summary([r for r in runs if (r["width"], r["norm"]) == (width, spec)], seeds)
+                if row is not None:
+                    rows.append({"width": width, "norm": spec, **row})
+        write_table(rows, args.results, name,
+                    f"GPT val loss (nats, mean and sample std over seeds {args.seeds}) per width and "
+                    f"norm, each at its own best lr from the sweep {args.lrs} at seed {seeds[0]}; "
+                    f"{budget} {args.train_args}; NAME@R means --norm_out_rms R, NAME@gG --dyt_gamma0 G",
+                    quiet=True)
+        return rows
+
+    study = Study(args, name, f"Every run of `studies/gpt_norms.py norms` ({budget} {args.train_args}): "
+                  "val loss (nats)", ("width", "norm", "lr", "seed"), summarize)
+
+    def cell(width, spec):
+        norm, init_flags = norm_spec(spec)
+        shape = ["--preset", args.preset] if args.preset else width_flags(width)
+        argv = (["--norm", norm] + init_flags + shape + ["--sample_tokens", "0", "--device", args.device]
+                + (["--max_steps", str(args.steps)] if args.steps else []) + shlex.split(args.train_args))
+
+        def run(lr, seed):
+            tag = (f"{args.preset or 'w' + str(width)}_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}"
+                   f"{'_' + str(args.steps) if args.steps else ''}")
+            return study.run({"width": width, "norm": spec, "lr": lr, "seed": seed},
+                             argv + ["--lr", f"{lr:g}", "--seed", str(seed)], os.path.join(out_root, tag))
+        return lambda: best_lr_then_seeds(run, lrs, seeds, args.extend)
+
+    rows = study.go([cell(w, spec) for w in widths for spec in specs])
+    print(open(os.path.join(args.results, f"{name}.md")).read(), flush=True)
+    plt = pyplot()
+    if plt is not None and len(widths) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for spec in specs:
+            r = [row for row in rows if row["norm"] == spec]
+            ax.errorbar([x["width"] for x in r], [x["val_loss_mean"] for x in r],
+                        yerr=[x["val_loss_std"] for x in r], marker="o", capsize=3, label=spec)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width")
+        ax.set_ylabel("val loss (nats), best lr")
+        ax.legend(fontsize=8)
+        ax.set_title("GPT: each norm at its best lr", fontsize=10)
+        save_figure(fig, args.results, name)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# budget: the gap to RMSNorm as the training data grows
 
 
 def parse_lrs(text):
@@ -177,37 +402,28 @@ def parse_lrs(text):
     return out
 
 
-def budget_summary(runs, seeds):
-    """One row per (width, steps, norm) from the runs: the best lr of the sweep at seeds[0],
-    the mean and sample std over the seeds run at it, and the gap to RMSNorm with the
-    standard error of that difference of means."""
+def budget_rows(runs, seeds):
+    """One row per (width, steps, norm): the cell's summary, its tokens per parameter, and the
+    gap to RMSNorm's mean with the standard error of that difference of means."""
     cells = {}
     for r in runs:
         cells.setdefault((r["width"], r["steps_budget"], r["norm"]), []).append(r)
     rows = []
     for (width, steps, spec), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        sweep = {r["lr"]: val_loss_of(r) for r in rs if r["seed"] == seeds[0]}
-        if not sweep:
+        summary = cell_summary(rs, seeds)
+        if summary is None:
             continue
-        best = min(sweep, key=sweep.get)
-        at_best = [val_loss_of(r) for r in rs if r["lr"] == best and r["seed"] in seeds]
-        ok = [v for v in at_best if math.isfinite(v)]
         params = [r["params"] for r in rs if r.get("params")]
         rows.append({"width": width, "steps": steps, "tokens": steps * BATCH_TOKENS,
                      "tokens_per_param": round(steps * BATCH_TOKENS / params[0], 2) if params else "",
-                     "norm": spec, "best_lr": best,
-                     "swept (lr: val loss at seed %d)" % seeds[0]:
-                         " ".join(f"{lr:g}:{sweep[lr]:.4f}" for lr in sorted(sweep)),
-                     "seeds": len(at_best), "diverged": len(at_best) - len(ok),
-                     "val_loss_mean": round(float(np.mean(ok)), 4) if ok else math.nan,
-                     "val_loss_std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else ""})
+                     "norm": spec, **summary})
     base = {(r["width"], r["steps"]): r for r in rows if r["norm"] == "rms"}
     for r in rows:
         b = base.get((r["width"], r["steps"]))
         if b is None or r is b:
             continue
         r["gap_to_rms"] = round(r["val_loss_mean"] - b["val_loss_mean"], 4)
-        if r["val_loss_std"] != "" and b["val_loss_std"] != "":
+        if r["seeds"] > 1 and b["seeds"] > 1:
             r["gap_se"] = round(math.sqrt(r["val_loss_std"] ** 2 / r["seeds"] +
                                           b["val_loss_std"] ** 2 / b["seeds"]), 4)
     return rows
@@ -220,7 +436,7 @@ def plot_gaps(rows, results, name):
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for width, spec in lines:
-        pts = sorted((r["tokens_per_param"], r["gap_to_rms"], r.get("gap_se", 0.0) or 0.0)
+        pts = sorted((r["tokens_per_param"], r["gap_to_rms"], r.get("gap_se", 0.0))
                      for r in rows if (r["width"], r["norm"]) == (width, spec) and "gap_to_rms" in r)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                     marker="o", capsize=3, label=f"{spec} - rms, width {width}")
@@ -229,42 +445,13 @@ def plot_gaps(rows, results, name):
     ax.set_xlabel("training tokens per parameter")
     ax.set_ylabel("val loss gap to RMSNorm (nats)")
     ax.legend(fontsize=8)
-    ax.set_title("Small GPT: the gap to RMSNorm as the data grows (each at its best lr)", fontsize=9)
-    save_figure(fig, results, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# budget: the study
-
-
-def recorded_runs(path_stem, title, key):
-    """The runs of a committed runs table (NAME.csv), keyed by key(row), if its NAME.md was
-    written under the same title (data, batch, train args): another setup's runs are not these."""
-    md, table = f"{path_stem}.md", f"{path_stem}.csv"
-    if not (os.path.isfile(md) and os.path.isfile(table)):
-        return {}
-    with open(md) as f:
-        if f.readline().rstrip("\n") != f"## {title}":
-            print(f"note: {table} was recorded under another setup; its runs are not reused")
-            return {}
-    import csv
-    recorded = {}
-    with open(table, newline="") as f:
-        for row in csv.DictReader(f):
-            row = {k: v for k, v in row.items() if v != ""}
-            for k in ("width", "steps_budget", "seed", "steps", "params", "tokens_per_s"):
-                if k in row:
-                    row[k] = int(float(row[k]))
-            for k in ("lr", "train_loss", "val_loss", "val_bpb", "tokens", "tokens_per_param"):
-                if k in row:
-                    row[k] = float(row[k])
-            recorded[key(row)] = row
-    return recorded
+    ax.set_title("Small GPT: the gap to RMSNorm as the data grows (each at its best lr;\n"
+                 "error bars: standard error of the difference, where seeds ran)", fontsize=9)
+    save_figure(fig, results, name, quiet=True)
 
 
 def cmd_budget(args):
     data = os.path.abspath(args.data) if args.data != "default" else "default"
-    out_root = os.path.abspath(args.out_dir)
     if data != "default" and not os.path.isfile(os.path.join(data, "meta.json")):
         raise AnalysisError(f"--data {args.data} is not a prepared directory; prepare it first: "
                             f"python data.py prepare --input /usr/share/doc/python3.11/html/_sources "
@@ -277,34 +464,31 @@ def cmd_budget(args):
             raise AnalysisError(f"--steps {s} is too short for a warmup of {args.warmup_fraction:.4g} "
                                 f"of the run ({warmup} steps): the warmup needs at least one step and "
                                 "fewer than the run's; give more --steps or another --warmup_fraction")
-    specs = [s.strip() for s in args.norms.split(",") if s.strip()]
-    largest_only = [s.strip() for s in args.largest_only.split(",") if s.strip()]
+    specs, largest_only = listed(args.norms), listed(args.largest_only)
     for s in specs + largest_only:
         norm_spec(s)
-    lrs = parse_lrs(args.lrs)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    lrs, seeds = parse_lrs(args.lrs), seeds_of(args.seeds)
     seed_steps = {int(s) for s in floats(args.seed_steps, "--seed_steps")} if args.seed_steps else {budgets[-1]}
+    cells = [(w, s, spec) for s in budgets for w in widths
+             for spec in specs + (largest_only if s == budgets[-1] else [])]
+    for _, _, spec in cells:
+        if spec not in lrs and "*" not in lrs:
+            raise AnalysisError(f"--lrs gives no learning rates for {spec}; add {spec}=... or a default")
     name = f"budget_gpt{args.tag}"
-    stem = os.path.join(args.results, f"{name}_runs")
-    title = (f"Every run of `studies/gpt_norms.py budget` (data {args.data}, batch {BATCH_TOKENS} tokens, "
-             f"warmup {args.warmup_fraction:.4g} of the steps {args.train_args}): val loss (nats)")
-    key = lambda r: (r["width"], r["steps_budget"], r["norm"], r["lr"], r["seed"])
-    recorded = recorded_runs(stem, title, key) if args.reuse else {}
-    runs = dict(recorded)  # every run recorded or made, by key: the table never loses one
-    table_lock = threading.Lock()
-    launcher = Launcher(args.jobs, args.threads, args.reuse)
+    out_root = os.path.abspath(args.out_dir)
 
-    def write_tables():
-        with table_lock:
-            rows = sorted(runs.values(), key=lambda r: (r["width"], r["steps_budget"], r["norm"], r["lr"], r["seed"]))
-            write_table(rows, args.results, f"{name}_runs", title, quiet=True)
-            summary = budget_summary(rows, seeds)
-            write_table(summary, args.results, name,
-                        f"Small GPT by norm as the data grows: val loss (nats) on {args.data}'s validation "
-                        f"split, mean and sample std over seeds {args.seeds} at each norm's best lr (swept "
-                        f"at seed {seeds[0]}); gap_to_rms with the standard error of the difference", quiet=True)
-            plot_gaps(summary, args.results, name)
-        return summary
+    def summarize(runs):
+        rows = budget_rows(runs, seeds)
+        write_table(rows, args.results, name,
+                    f"Small GPT by norm as the data grows: val loss (nats) on {args.data}'s validation "
+                    f"split, mean and sample std over seeds {args.seeds} at each norm's best lr (swept "
+                    f"at seed {seeds[0]}); gap_to_rms with the standard error of the difference", quiet=True)
+        plot_gaps(rows, args.results, name)
+        return rows
+
+    study = Study(args, name, f"Every run of `studies/gpt_norms.py budget` (data {args.data}, batch "
+                  f"{BATCH_TOKENS} tokens, warmup {args.warmup_fraction:.4g} of the steps {args.train_args}): "
+                  "val loss (nats)", ("width", "steps_budget", "norm", "lr", "seed"), summarize)
 
     def cell(width, steps, spec):
         norm, init_flags = norm_spec(spec)
@@ -314,47 +498,110 @@ def cmd_budget(args):
                  "--sample_tokens", "0", "--device", args.device] + shlex.split(args.train_args))
 
         def run(lr, seed):
-            k = (width, steps, spec, lr, seed)
-            if k in recorded:
-                result = recorded[k]
-            else:
-                out_dir = os.path.join(out_root, f"w{width}_{steps}st_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}")
-                result = launcher.run(argv + ["--lr", f"{lr:g}", "--seed", str(seed)], out_dir)
-                result = {"width": width, "steps_budget": steps, "norm": spec, "lr": lr, "seed": seed,
-                          "tokens": steps * BATCH_TOKENS, **result}
-                if result.get("params"):
-                    result["tokens_per_param"] = round(result["tokens"] / result["params"], 2)
-                with table_lock:
-                    runs[k] = result
-                write_tables()
-            return val_loss_of(result)
+            fields = {"width": width, "steps_budget": steps, "norm": spec, "lr": lr, "seed": seed,
+                      "tokens": steps * BATCH_TOKENS}
+            out_dir = os.path.join(out_root, f"w{width}_{steps}st_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}")
+            return study.run(fields, argv + ["--lr", f"{lr:g}", "--seed", str(seed)], out_dir)
         cell_seeds = seeds if steps in seed_steps else seeds[:1]
-        best_lr_then_seeds(run, lrs.get(spec, lrs.get("*")), cell_seeds, args.extend)
+        return lambda: best_lr_then_seeds(run, lrs.get(spec, lrs.get("*")), cell_seeds, args.extend)
 
-    cells = [(w, s, spec) for s in budgets for w in widths
-             for spec in specs + (largest_only if s == budgets[-1] else [])]
-    for w, s, spec in cells:
-        if spec not in lrs and "*" not in lrs:
-            raise AnalysisError(f"--lrs gives no learning rates for {spec}; add {spec}=... or a default")
-    old = {sig: signal.signal(sig, lambda *_: launcher.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(cell, *c) for c in cells]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            if any(f.exception() for f in done):
-                launcher.stop()  # the first failure stops the rest (children save)
-            errors = [f.exception() for f in futures if f.exception() is not None]
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    summary = write_tables()
-    failure = next((e for e in errors if not isinstance(e, tc.Interrupted)), None)
-    if failure is not None:
-        raise failure
-    if errors:
-        raise tc.Interrupted(f"stopped: {len(errors)} cells unfinished; the same command with "
-                             "--reuse resumes them", 143)
-    return summary
+    return study.go([cell(*c) for c in cells])
+
+
+# ---------------------------------------------------------------------------------------------
+# saturation: why gamma 1 stalls (a trace over the first steps of the default run)
+
+
+def residual_and_saturation(model, x, y):
+    """One forward of a GPT on (x, y): its loss; per block the residual stream's RMS and the
+    share of its energy in one token-independent vector (|mean over tokens|^2 / mean |x_t|^2:
+    1 when every token carries the same vector); per DyT-like layer the fraction of
+    inputs whose squash argument |alpha x + s| exceeds 2 (tanh 0.96, erf 0.995: saturated)."""
+    stats = {}
+    with hooks_removed_after() as handles, torch.no_grad():
+        for name, block in model_blocks(model):
+            def block_hook(module, inputs, output, name=name):
+                h = output.float().reshape(-1, output.shape[-1])
+                stats[f"{name} residual_rms"] = h.pow(2).mean().sqrt().item()
+                stats[f"{name} common_share"] = (h.mean(0).pow(2).sum() / h.pow(2).sum(-1).mean()).item()
+            handles.append(block.register_forward_hook(block_hook))
+        for layer in norm_layers(model):
+            if layer.kind != "dyt":
+                continue
+            def sat_hook(module, inputs, output, name=layer.name):
+                z = squash_argument(module, inputs[0].float())
+                stats[f"{name} saturated"] = (z.abs() > 2).float().mean().item()
+            handles.append(layer.module.register_forward_hook(sat_hook))
+        loss, _ = loss_and_accuracy(model, "gpt", x, y)
+    return loss, stats
+
+
+def cmd_saturation(args):
+    """Train each configuration with the trainer itself, stopping at each step of --at
+    (--stop_at, then --resume: exact), and measure the checkpoint on validation windows."""
+    import train_gpt
+    at = sorted({int(s) for s in floats(args.at, "--at")})
+    specs = listed(args.norms)
+    rows, curves = [], {}
+    for spec in specs:
+        name, gamma_flags = norm_spec(spec)
+        out = os.path.join(args.out_dir, f"saturation_{spec.replace('@', '_at')}_s{args.seed}")
+        for stale in ("metrics.jsonl", "ckpt.pt"):
+            if os.path.exists(os.path.join(out, stale)):
+                os.remove(os.path.join(out, stale))
+        for i, step in enumerate(at):
+            print(f"--- {spec}: train to step {step}", flush=True)
+            argv = (["--norm", name] + gamma_flags + ["--stop_at", str(step), "--seed", str(args.seed),
+                     "--sample_tokens", "0", "--ckpt_interval", "0", "--device", args.device,
+                     "--out_dir", out] + (["--resume"] if i else []) + shlex.split(args.train_args))
+            train_gpt.main(argv)
+            model, _, state = load_model(out)
+            if state["step"] != step:
+                raise AnalysisError(f"{spec}: the run ended at step {state['step']}, before "
+                                    f"--at {step}; give --at steps within the run's max_steps")
+            x, y = gpt_val_tokens(state, args.n)
+            loss, stats = residual_and_saturation(model, x, y)
+            sat_inside = [v for k, v in stats.items() if k.endswith("saturated") and k.startswith("blocks")]
+            sat_final = [v for k, v in stats.items() if k.endswith("saturated") and not k.startswith("blocks")]
+            last = [k for k in stats if k.endswith("residual_rms")][-1].split()[0]
+            rows.append({"norm": spec, "step": step, "val_loss": round(loss, 4),
+                         "residual_rms_last_block": round(stats[f"{last} residual_rms"], 3),
+                         "common_share_last_block": round(stats[f"{last} common_share"], 3),
+                         "saturated_in_blocks": round(float(np.mean(sat_inside)), 3) if sat_inside else "",
+                         "saturated_final": round(sat_final[0], 3) if sat_final else ""})
+            curves.setdefault(spec, []).append((step, loss, stats))
+    name = f"saturation_gpt{args.tag}"
+    write_table(rows, args.results, name,
+                f"GPT training trace, `studies/gpt_norms.py saturation --norms {args.norms} --at {args.at}` "
+                f"{args.train_args}: val loss on {args.n} windows, the last block's residual RMS "
+                "and share of one token-independent vector, fraction of DyT inputs with "
+                "|alpha x + s| > 2 (mean over the blocks' layers; the final layer)")
+    per_layer = [{"norm": spec, "step": step, "quantity": k, "value": round(v, 4)}
+                 for spec, points in curves.items() for step, _, stats in points
+                 for k, v in stats.items()]
+    write_table(per_layer, args.results, f"{name}_layers", "Per-layer values of " + name)
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for spec, points in curves.items():
+            steps = [p[0] for p in points]
+            axes[0].plot(steps, [p[1] for p in points], "o-", label=spec)
+            last = [k for k in points[0][2] if k.endswith("residual_rms")][-1]
+            axes[1].plot(steps, [p[2][last] for p in points], "o-", label=spec)
+            sat = [np.mean([v for k, v in p[2].items() if k.endswith("saturated")] or [np.nan])
+                   for p in points]
+            if not all(np.isnan(sat)):
+                axes[2].plot(steps, sat, "o-", label=spec)
+        axes[0].set_ylabel("val loss (nats)")
+        axes[1].set_ylabel("residual RMS after the last block")
+        axes[1].set_yscale("log")
+        axes[2].set_ylabel("saturated DyT inputs (|arg| > 2)")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.legend(fontsize=8)
+        fig.suptitle("GPT: why gamma 1 stalls at width 128 (this project's measurement)", fontsize=10)
+        save_figure(fig, args.results, name)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,40 +610,59 @@ def cmd_budget(args):
 def build_parser():
     parser = tc._Parser(description=__doc__.split("\n\n")[1], allow_abbrev=False,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                parser_class=tc._Parser)
-    p = sub.add_parser("budget", help="the gap to RMSNorm as the training data grows")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=tc._Parser)
+
+    def common(p, out_dir, runs=True):
+        p.add_argument("--norms", default="rms,dyt,derf", help="norm names; NAME@R: output RMS R at "
+                       "init (--norm_out_rms), NAME@gG: --dyt_gamma0 G")
+        p.add_argument("--train_args", default="", help="more train_gpt.py flags, quoted")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--out_dir", default=os.path.join("out_analysis", out_dir), help="run directories")
+        p.add_argument("--results", default=os.path.join("out", "analysis"), help="tables and plots "
+                       "(the committed ones: results/analysis)")
+        p.add_argument("--tag", default="", help="name suffix for the output files")
+        if runs:
+            p.add_argument("--seeds", default="0,1,2", help="the first sweeps the lr")
+            p.add_argument("--extend", type=int, default=2, help="runs allowed past an edge of the lr sweep")
+            p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+            p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+            p.add_argument("--reuse", action="store_true", help="read back finished runs (their "
+                           "out_dir, or the runs table in --results) and resume unfinished ones")
+        return p
+
+    p = common(sub.add_parser("norms", help="each norm at its own best lr, per width, seeds"), "sweeps")
+    p.add_argument("--widths", default="", help="model widths (multiples of 32; default 128)")
+    p.add_argument("--preset", default="", help="a train_gpt.py preset (e.g. micro) in place of "
+                   "--widths; on a GPU add --device cuda")
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the lr sweep (at the first seed)")
+    p.add_argument("--steps", type=int, default=0, help="budget in steps (--max_steps)")
+
+    p = common(sub.add_parser("budget", help="the gap to RMSNorm as the training data grows"), "budget")
     p.add_argument("--data", default="data/pydocs", help="a prepared token directory (or 'default')")
     p.add_argument("--widths", default="64", help="model widths (multiples of 32)")
     p.add_argument("--steps", default="450,1800,7200", help=f"budgets in steps of {BATCH_TOKENS} tokens")
-    p.add_argument("--norms", default="rms,dyt,derf", help="at every budget; NAME@R: output RMS R at "
-                   "init (--norm_out_rms), NAME@gG: --dyt_gamma0 G")
     p.add_argument("--largest_only", default="rms@2.5", help="norms run at the largest budget only")
     p.add_argument("--lrs", default="rms=4e-3,8e-3,16e-3;*=1e-3,2e-3,4e-3",
                    help="the sweep at the first seed, per norm ('NAME=...;*=...') or for all")
-    p.add_argument("--seeds", default="0,1,2", help="the first sweeps the lr")
     p.add_argument("--seed_steps", default="", help="budgets where every seed runs (default: the largest)")
-    p.add_argument("--extend", type=int, default=2, help="runs allowed past an edge of the lr sweep")
     p.add_argument("--warmup_fraction", type=float, default=1 / 9, help="warmup steps / steps")
     p.add_argument("--ckpt_interval", type=int, default=500, help="steps between a run's checkpoints")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--train_args", default="", help="more train_gpt.py flags, quoted")
-    p.add_argument("--out_dir", default=os.path.join("out_analysis", "budget"), help="run directories")
-    p.add_argument("--results", default=os.path.join("out", "analysis"), help="tables and plot")
-    p.add_argument("--tag", default="", help="name suffix for the output files")
-    p.add_argument("--reuse", action="store_true", help="read back finished runs (their out_dir, "
-                   "or the runs table in --results) and resume unfinished ones")
+
+    p = common(sub.add_parser("saturation", help="residual RMS and saturated DyT inputs over training"),
+               "sweeps", runs=False)
+    p.set_defaults(norms="dyt@g1,dyt,rms")
+    p.add_argument("--at", default="1,10,25,50,100,150,300,450", help="steps to measure at")
+    p.add_argument("--n", type=int, default=32, help="validation windows")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        raise AnalysisError("--jobs and --threads must be >= 1")
-    tc.ensure_writable_dir(args.results, "--results")
-    return {"budget": cmd_budget}[args.command](args)
+    if getattr(args, "jobs", 1) < 1 or getattr(args, "threads", 1) < 1 or getattr(args, "n", 1) < 1:
+        raise AnalysisError("--jobs, --threads and --n must be >= 1")
+    tc.ensure_writable_dir(args.results, "--results")  # before the work, not after it
+    return {"norms": cmd_norms, "budget": cmd_budget, "saturation": cmd_saturation}[args.command](args)
 
 
 if __name__ == "__main__":

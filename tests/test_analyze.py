@@ -1,4 +1,3 @@
-import math
 """analyze.py on CPU: the measures on data with known answers, hooks that leave no trace, and
 every subcommand end to end on tiny checkpoints (2-block ViTs on synthetic Fashion-MNIST-format
 IDX files, a 1-layer GPT on the built-in corpus), a few training steps each."""
@@ -14,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import analyze  # noqa: E402
+from run import RunLogger  # noqa: E402
 import train_common as tc  # noqa: E402
 import train_gpt  # noqa: E402
 import train_vit  # noqa: E402
@@ -195,117 +195,11 @@ def test_ablations_and_alpha0(runs, tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["val_loss"]) for r in rows)
 
 
-def test_gpt_norms_at_best_lr_and_saturation_trace(tmp_path):
-    # the lr sweep runs at the first seed, the other seeds at the best lr; NAME@gG sets gamma0,
-    # NAME@R the output RMS at init
-    tiny = [f for f in " ".join(GPT_TINY).replace("--dim 32 ", "").replace("--n_head 2 ", "")
-            .replace("--n_kv_head 2 ", "").split()]
-    rows = analyze.main(["norms", "--widths", "32,64", "--norms", "rms,dyt@g1", "--lrs", "1e-3,3e-3",
-                         "--seeds", "0,1", "--extend", "0", "--steps", "2", "--train_args", " ".join(tiny),
-                         "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
-    outputs(tmp_path, "norms_gpt", ("", "_runs"))
-    assert [(r["width"], r["norm"], r["seeds"]) for r in rows] == [
-        (32, "rms", 2), (32, "dyt@g1", 2), (64, "rms", 2), (64, "dyt@g1", 2)]
-    for r in rows:
-        sweep = {float(lr): float(v) for lr, v in
-                 (item.split(":") for item in r["swept (lr: val loss at seed 0)"].split())}
-        assert sorted(sweep) == [1e-3, 3e-3]
-        assert r["best_lr"] == min(sweep, key=sweep.get) and np.isfinite(r["val_loss_mean"])
-    (seed1_run,) = (tmp_path / "runs").glob("w64_dyt_atg1_lr*_s1_2")  # the flags reached the run
-    state = tc.load_checkpoint(str(seed1_run / "ckpt.pt"))
-    assert state["model_config"]["dim"] == 64 and state["model_config"]["dyt_gamma0"] == 1.0
-    rows = analyze.main(["saturation", "--norms", "dyt@g1,derf,rms@2", "--at", "1,3",
-                         "--train_args", " ".join(GPT_TINY + ["--max_steps", "3"]), "--n", "2",
-                         "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
-    outputs(tmp_path, "saturation_gpt", ("", "_layers"))
-    assert [(r["norm"], r["step"]) for r in rows] == [("dyt@g1", 1), ("dyt@g1", 3), ("derf", 1),
-                                                       ("derf", 3), ("rms@2", 1), ("rms@2", 3)]
-    assert all(0 <= r["saturated_in_blocks"] <= 1 for r in rows if r["norm"] != "rms@2")
-    assert all(r["saturated_final"] == "" for r in rows if r["norm"] == "rms@2")
-    state = tc.load_checkpoint(str(tmp_path / "runs" / "saturation_rms_at2_s0" / "ckpt.pt"))
-    assert state["model_config"]["norm_out_rms"] == 2.0  # NAME@R reached the run
-    assert all(r["residual_rms_last_block"] > 0 and 0 <= r["common_share_last_block"] <= 1 + 1e-6
-               for r in rows)
-    with pytest.raises(tc.UserError, match="unknown norm"):
-        analyze.main(["norms", "--norms", "dyx", "--results", str(tmp_path)])
-
-
-def test_lr_sweep_extends_past_an_edge(tmp_path, monkeypatch):
-    # a best lr at the sweep's edge is not known to be best: the sweep goes on by factors of 2
-    # (at most --extend runs); the loss here is lowest at lr 8e-3, beyond the sweep's 4e-3
-    ran = []
-    def fake_run(args, width, spec, lr, seed):
-        ran.append((lr, seed))
-        loss = (math.log2(lr / 8e-3)) ** 2 + 1 + 0.01 * seed
-        return {"status": "ok", "val_loss": loss}
-    monkeypatch.setattr(analyze, "gpt_run", fake_run)
-    base = ["norms", "--widths", "64", "--norms", "dyt", "--seeds", "0,1", "--results", str(tmp_path)]
-    (row,) = analyze.main(base + ["--lrs", "1e-3,2e-3,4e-3"])
-    assert [lr for lr, seed in ran if seed == 0] == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 16e-3])
-    assert row["best_lr"] == pytest.approx(8e-3) and ran[-1] == (row["best_lr"], 1)
-    ran.clear()
-    (row,) = analyze.main(base + ["--lrs", "16e-3,32e-3", "--extend", "1"])  # the low edge
-    assert [lr for lr, seed in ran if seed == 0] == pytest.approx([16e-3, 32e-3, 8e-3])
-    ran.clear()
-    (row,) = analyze.main(base + ["--lrs", "4e-3,8e-3,16e-3"])  # inside: nothing added
-    assert len(ran) == 4 and row["best_lr"] == pytest.approx(8e-3)
-
-
-def test_norms_reuse_reads_the_recorded_runs_table(tmp_path, monkeypatch):
-    # run directories are scratch; with --reuse the committed NAME_runs.csv is read back, so a
-    # later session adds a seed without retraining the rest; another budget's table is not reused
-    ran = []
-    def fake_run(args, width, spec, lr, seed):
-        ran.append((spec, lr, seed))
-        loss = 1 + abs(math.log2(lr / 2e-3)) + 0.01 * seed if spec == "dyt" else float("inf")
-        status = "ok" if spec == "dyt" else "diverged: loss is nan"
-        return {"status": status, "steps": 5, **({"val_loss": loss} if spec == "dyt" else {})}
-    monkeypatch.setattr(analyze, "gpt_run", fake_run)
-    base = ["norms", "--widths", "64", "--norms", "dyt,derf", "--lrs", "1e-3,2e-3,4e-3", "--extend",
-            "0", "--results", str(tmp_path)]
-    first = analyze.main(base + ["--seeds", "0,1"])
-    assert len(ran) == 8
-    ran.clear()
-    again = analyze.main(base + ["--seeds", "0,1,2", "--reuse"])
-    assert ran == [("dyt", 2e-3, 2), ("derf", 1e-3, 2)]  # only the new seed trains
-    assert again[0]["val_loss_mean"] == pytest.approx(np.mean([1, 1.01, 1.02]))
-    assert again[0]["swept (lr: val loss at seed 0)"] == first[0]["swept (lr: val loss at seed 0)"]
-    assert again[1]["diverged"] == 3  # a recorded divergence stays one
-    ran.clear()
-    (fewer,) = analyze.main(base + ["--norms", "dyt", "--seeds", "0", "--reuse"])  # a subset
-    assert ran == [] and fewer["seeds"] == 1
-    with open(tmp_path / "norms_gpt_runs.csv") as f:
-        assert len(f.readlines()) == 1 + 2 * 5  # every recorded run is still in the table
-    analyze.main(base + ["--seeds", "0,1,2", "--reuse", "--steps", "7"])  # another budget
-    assert len(ran) == 10  # all retrained: 3 lrs + 2 more seeds, per norm
-
-
-def test_norms_preset_runs_the_preset_shape(tmp_path, monkeypatch):
-    # --preset micro: the trainer gets the preset (its dim, layers, kv heads, steps), not the
-    # default run's width flags; its table says so, and --widths beside it is a one-line error
-    seen = []
-    def fake_train_one(trainer, argv, out_dir, reuse=False):
-        seen.append((argv, os.path.basename(out_dir)))
-        return {"status": "ok", "steps": 1000, "val_loss": 1.0 + len(seen) * 0.01}
-    monkeypatch.setattr(analyze, "train_one", fake_train_one)
-    (row,) = analyze.main(["norms", "--preset", "micro", "--norms", "dyt", "--lrs", "1e-3", "--extend",
-                           "0", "--seeds", "0,1", "--results", str(tmp_path)])
-    assert row["width"] == 256 and row["seeds"] == 2
-    for argv, run_dir in seen:
-        assert argv[argv.index("--preset") + 1] == "micro" and "--dim" not in argv
-        assert "--n_kv_head" not in argv and run_dir.startswith("micro_dyt_lr0.001_s")
-    assert "--preset micro" in (tmp_path / "norms_gpt_runs.md").read_text().splitlines()[0]
-    with pytest.raises(tc.UserError, match="drop --widths"):
-        analyze.main(["norms", "--preset", "micro", "--widths", "128", "--results", str(tmp_path)])
-    with pytest.raises(tc.UserError, match="choose one of"):
-        analyze.main(["norms", "--preset", "mikro", "--results", str(tmp_path)])
-
-
 def test_diverged_runs_are_marked(tmp_path):
     class Exploding:
         @staticmethod
         def main(argv):
-            log = tc.RunLogger(argv[argv.index("--out_dir") + 1])
+            log = RunLogger(argv[argv.index("--out_dir") + 1])
             log.log({"step": 1, "loss": 2.3})
             log.log({"step": 2, "loss": float("nan")})
             raise tc.TrainingDiverged("loss is nan at step 2: training diverged")
@@ -337,6 +231,13 @@ def test_tables_without_matplotlib(runs, tmp_path, monkeypatch):
                   "--data_dir", str(runs / "idx"), "--results", str(tmp_path)])
     assert (tmp_path / "robustness_vit_dyt.md").exists()
     assert not (tmp_path / "robustness_vit_dyt.png").exists()
+
+
+def test_moved_studies_name_their_new_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        tc.main_guard(analyze.main, ["norms", "--widths", "64"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: `analyze.py norms` moved") and "studies/gpt_norms.py norms" in err
 
 
 def test_bad_input_is_one_line(runs, tmp_path):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import bench
-from dyt import dyt_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +54,7 @@ def test_saved_for_backward_by_hand():
     x = torch.randn(n, c)
     alpha = torch.full((1,), 0.5, requires_grad=True)
     w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
-    dyt_bytes = bench.saved_for_backward_bytes(lambda: dyt_reference(x, alpha, w, b).sum(), [alpha, w, b])
+    dyt_bytes = bench.saved_for_backward_bytes(lambda: bench.reference("dyt", x, [alpha, w, b]).sum(), [alpha, w, b])
     assert dyt_bytes == 2 * n * c * 4
     ln_bytes = bench.saved_for_backward_bytes(
         lambda: torch.nn.functional.layer_norm(x, (c,), w, b).sum(), [w, b])
@@ -123,7 +122,7 @@ def test_cpu_mode_writes_results(tmp_path):
             want = {"dx", "dweight"} | ({"dalpha", "dbias"} if r["op"].startswith("DyT") else set())
             want |= {"dshift"} if r["op"].startswith("Derf") else set()
             assert want <= set(r["rel_errs"]), (r["op"], r["rel_errs"])
-    assert {r["op"] for r in timed} >= {"Derf plain", "DyT autograd.Function", "Derf autograd.Function"}
+    assert "Derf plain" in {r["op"] for r in timed}
     # the copy ceiling at the layer's own size beside the large one
     assert result["copy_gbps_layer_size"] and all(v > 0 for v in result["copy_gbps_layer_size"].values())
     assert all(r["pct_copy"] > 0 and r["pct_copy_1gib"] > 0 for r in timed)
@@ -157,26 +156,3 @@ def test_bad_flags_give_one_line(flags, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench.py: error:"), proc.stderr
-
-
-def test_nanogpt_attribution_models_swap_only_what_they_say():
-    """--nanogpt's attribution rows: AblatedAttention with RoPE and three matrices is
-    model.GPTAttention (same weights, same output), and GPT-2's block (GELU MLP, one qkv matrix)
-    has nanoGPT's 12 dim^2 weights a block."""
-    from model import GPT, GPTConfig
-    torch.manual_seed(0)
-    cfg = GPTConfig(dim=32, n_layer=2, n_head=4, n_kv_head=4, ffn_dim=64, block_size=16, vocab_size=40, norm="ln")
-    ours = GPT(cfg)
-    same = GPT(cfg)
-    for block in same.blocks:
-        block.attn = bench.AblatedAttention(32, 4, rope=True, one_matrix=False)
-    same.load_state_dict(ours.state_dict())  # the same names and shapes
-    idx = torch.randint(0, 40, (2, 16))
-    torch.testing.assert_close(same(idx)[0], ours(idx)[0], rtol=0, atol=0)
-    gpt2 = bench.gpt2_parts(GPT(cfg), gelu_mlp=True, rope=False, one_qkv=True)
-    block_weights = sum(p.numel() for p in gpt2.blocks[0].parameters() if p.dim() == 2)
-    assert block_weights == 12 * 32 ** 2
-    assert torch.isfinite(gpt2(idx, idx)[1])
-    without_rope = bench.gpt2_parts(GPT(cfg), rope=False)
-    without_rope.load_state_dict(ours.state_dict())
-    assert not torch.allclose(without_rope(idx)[0], ours(idx)[0])  # RoPE did something

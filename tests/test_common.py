@@ -10,6 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint as ck  # noqa: E402
+from run import LossGuard, RunLogger  # noqa: E402
 import train_common as tc  # noqa: E402
 
 PRESETS = {"small": {"lr": 1.0, "warmup_steps": 5}}
@@ -91,7 +93,7 @@ def test_accumulation_arithmetic():
 
 def test_atomic_save_keeps_old_checkpoint_when_interrupted(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    tc.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    ck.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
     real_save = torch.save
 
     def dying_save(obj, f, *a, **k):  # write half a file, then "crash"
@@ -100,50 +102,50 @@ def test_atomic_save_keeps_old_checkpoint_when_interrupted(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        tc.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        ck.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.setattr(torch, "save", real_save)
-    state = tc.load_checkpoint(path)
+    state = ck.load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
-    tc.save_checkpoint(path, {"step": 3})  # the next save goes through over the leftover tmp
-    assert tc.load_checkpoint(path)["step"] == 3
+    ck.save_checkpoint(path, {"step": 3})  # the next save goes through over the leftover tmp
+    assert ck.load_checkpoint(path)["step"] == 3
 
 
 def test_load_checks_config_and_path(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    tc.save_checkpoint(path, {"model_config": {"dim": 64, "norm": "dyt"}})
-    assert tc.load_checkpoint(path, {"dim": 64, "norm": "dyt"})
+    ck.save_checkpoint(path, {"model_config": {"dim": 64, "norm": "dyt"}})
+    assert ck.load_checkpoint(path, {"dim": 64, "norm": "dyt"})
     with pytest.raises(tc.UserError, match="dim=64"):
-        tc.load_checkpoint(path, {"dim": 128, "norm": "dyt"})
+        ck.load_checkpoint(path, {"dim": 128, "norm": "dyt"})
     with pytest.raises(tc.UserError, match="no checkpoint"):
-        tc.load_checkpoint(str(tmp_path / "missing.pt"))
+        ck.load_checkpoint(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(tc.UserError, match="cannot read"):
-        tc.load_checkpoint(str(tmp_path / "junk.pt"))
+        ck.load_checkpoint(str(tmp_path / "junk.pt"))
 
 
 def test_rng_state_round_trip_through_weights_only(tmp_path):
     tc.seed_everything(5)
     path = str(tmp_path / "rng.pt")
-    tc.save_checkpoint(path, {"rng": tc.capture_rng_state()})
+    ck.save_checkpoint(path, {"rng": ck.capture_rng_state()})
     expected = (random.random(), np.random.rand(), torch.rand(2))
     tc.seed_everything(99)
-    tc.restore_rng_state(tc.load_checkpoint(path)["rng"])
+    ck.restore_rng_state(ck.load_checkpoint(path)["rng"])
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
 def test_loss_guard():
-    g = tc.LossGuard(explode_factor=3.0, patience=2)
+    g = LossGuard(explode_factor=3.0, patience=2)
     for i, loss in enumerate([5.0, 4.0, 3.0, 2.0, 2.0]):
         g.check(loss, i)
     with pytest.raises(tc.TrainingDiverged, match="exploded.*ckpt.pt"):
         g.check(50.0, 6, "out/ckpt.pt")
     with pytest.raises(tc.TrainingDiverged, match="nan"):
-        tc.LossGuard().check(float("nan"), 1)
+        LossGuard().check(float("nan"), 1)
 
 
 def test_run_logger_jsonl_and_csv(tmp_path):
-    log = tc.RunLogger(str(tmp_path), enabled=True)
+    log = RunLogger(str(tmp_path), enabled=True)
     log.log({"step": 1, "loss": 2.0})
     log.log({"step": 2, "loss": 1.5, "val_loss": 1.7})
     rows = (tmp_path / "metrics.csv").read_text().splitlines()

@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
+import checkpoint as ck  # noqa: E402
+from run import RunLogger  # noqa: E402
 import train_common as tc  # noqa: E402
 import train_gpt  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -174,7 +176,7 @@ def wait_for_steps(out_dir, n, proc, timeout=60):
 
 def gpt_val_loss(ckpt, n=4):
     """The loss of a checkpoint's weights on the built-in corpus's first val windows."""
-    state = tc.load_checkpoint(ckpt)
+    state = ck.load_checkpoint(ckpt)
     model = GPT(GPTConfig(**state["model_config"])).eval()
     model.load_state_dict(state["model"])
     val = data.TokenDataset(data.default_data_dir(), "val")
@@ -192,14 +194,14 @@ def test_kill9_during_save_keeps_the_checkpoint_and_the_next_run_cleans_up(tmp_p
     argv = GPT_TINY + ["--out_dir", out, "--max_steps", "8", "--ckpt_interval", "3"]
     p = run("train_gpt.py", argv, KILL_MID_SAVE.format(n=2))  # killed saving step 6
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    assert tc.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3  # the old one, whole
+    assert ck.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3  # the old one, whole
     assert os.path.exists(os.path.join(out, "ckpt.pt.tmp"))  # what the kill left
     assert os.path.exists(os.path.join(out, "run.lock"))     # ... with a dead PID in it
     p = run("train_gpt.py", argv + ["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "stale lock" in p.stderr
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.csv", "metrics.jsonl"]
-    assert tc.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 8
+    assert ck.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 8
     assert steps_once_in_order(out) == list(range(1, 9))  # steps 4-5 were logged twice before
 
 
@@ -222,7 +224,7 @@ def test_concurrent_start_is_refused_and_sigterm_saves(tmp_path):
     assert first.returncode == 143, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: SIGTERM at step") and "--resume" in last, stderr[-2000:]
-    saved = tc.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    saved = ck.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     assert steps_once_in_order(out)[-1] == saved  # the second run logged nothing
     p = run("train_gpt.py", GPT_TINY + ["--out_dir", out, "--max_steps", str(saved + 2),
                                         "--resume"])
@@ -260,11 +262,11 @@ def test_vit_sigint_saves_by_default_and_resumes(tmp_path, idx):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, stderr[-3000:]
-    saved = tc.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    saved = ck.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     assert saved >= 3 and f"SIGINT at step {saved}: saved" in stderr
     p = run("train_vit.py", base + ["--epochs", "200", "--max_steps", str(saved + 2), "--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert tc.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == saved + 2
+    assert ck.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == saved + 2
     # resuming a finished run says so (it used to exit silently)
     p = run("train_vit.py", base + ["--epochs", "200", "--max_steps", str(saved + 2), "--resume"])
     assert p.returncode == 0 and "already finished" in p.stdout, p.stdout + p.stderr[-2000:]
@@ -299,7 +301,7 @@ def test_divergence_never_checkpoints_a_diverged_state_and_the_named_one_resumes
         assert not os.path.exists(ckpt)
         return
     assert f"last good checkpoint is {ckpt}" in err, err
-    state = tc.load_checkpoint(ckpt)
+    state = ck.load_checkpoint(ckpt)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert gpt_val_loss(ckpt) < 20  # not exploding (the broken one: 3.2e5)
     p = run("train_gpt.py", shape + ["--resume", "--lr", "1e-3", "--max_steps",
@@ -319,7 +321,7 @@ def test_disk_full_at_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     err = one_line(run("train_gpt.py", argv, DISK_FULL.format(n=2)))  # fails saving step 4
     assert "No space left on device" in err and "ckpt.pt" in err and "intact" in err, err
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
-    assert tc.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 2
+    assert ck.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 2
     p = run("train_gpt.py", argv + ["--resume"])  # space freed: it carries on
     assert p.returncode == 0, p.stderr[-3000:]
     assert steps_once_in_order(out) == list(range(1, 7))
@@ -352,10 +354,10 @@ def gpt_error(argv, capsys):
 
 
 @pytest.mark.parametrize("flag, value, needle", [
-    ("--seq_len", "0", "--seq_len must be positive"),
+    ("--seq_len", "0", "--seq_len 0 is out of range: it must be positive"),
     ("--lr", "-1", "--lr -1.0 is out of range"),
     ("--max_steps", "-5", "--max_steps -5 is out of range"),
-    ("--micro_batch", "-2", "--micro_batch must be >= 0"),
+    ("--micro_batch", "-2", "--micro_batch -2 is out of range: it must be >= 0"),
 ])
 def test_bad_numbers_are_one_line(tmp_path, capsys, flag, value, needle):
     err = gpt_error(GPT_TINY + ["--out_dir", str(tmp_path), flag, value], capsys)
@@ -407,14 +409,14 @@ def test_checkpoint_read_errors(tmp_path, capsys):
     junk = tmp_path / "random.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(tc.UserError) as e:
-        tc.load_checkpoint(str(junk))
+        ck.load_checkpoint(str(junk))
     assert "not a PyTorch checkpoint" in str(e.value) and "weights_only" not in str(e.value)
     with pytest.raises(SystemExit):
         tc.main_guard(train_gpt.main, ["sample", "--ckpt", str(tmp_path / "nope.pt")])
     err = capsys.readouterr().err.strip()
     assert "no checkpoint at" in err and "--resume" not in err and "--ckpt" in err, err
     long = "x" * 150 + ". " + "y" * 400
-    assert tc._first_sentence(long).endswith(".")  # whole sentences, not 200 characters
+    assert ck._first_sentence(long).endswith(".")  # whole sentences, not 200 characters
 
 
 def test_resuming_a_finished_run_says_so(tmp_path, capsys):
@@ -457,16 +459,16 @@ def test_model_preset_prints_no_alpha0_for_a_norm():
 def test_logs_hold_the_true_history(tmp_path):
     # a run killed before its first checkpoint left steps 1-3; a fresh run must not append to
     # them, and a resume from step 2 must not log step 3 twice
-    old = tc.RunLogger(str(tmp_path))
+    old = RunLogger(str(tmp_path))
     for s in (1, 2, 3):
         old.log({"step": s, "loss": 9.0})
-    fresh = tc.RunLogger(str(tmp_path), resume_step=None)
+    fresh = RunLogger(str(tmp_path), resume_step=None)
     fresh.log({"step": 1, "loss": 5.0})
     assert [r["loss"] for r in rows(tmp_path)] == [5.0]
     assert (tmp_path / "metrics.jsonl.old").exists()  # kept aside, not deleted
     fresh.log({"step": 2, "loss": 4.0})
     fresh.log({"step": 3, "loss": 3.0})
-    resumed = tc.RunLogger(str(tmp_path), resume_step=2)
+    resumed = RunLogger(str(tmp_path), resume_step=2)
     resumed.log({"step": 3, "loss": 2.5})
     assert [(r["step"], r["loss"]) for r in rows(tmp_path)] == [(1, 5.0), (2, 4.0), (3, 2.5)]
     assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["1,5.0", "2,4.0", "3,2.5"]

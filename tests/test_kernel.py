@@ -73,14 +73,15 @@ def rel_err(got, ref, scale=None):
 
 def make(shape, dtype=torch.float32, param_dtype=torch.float32, per_channel=False, bias=True,
          x_scale=2.0, device=DEVICE, seed=0, shift=False):
-    """x, alpha, weight, bias, dy (and, with shift=True, a sixth: Derf's shift)."""
-    g = torch.Generator().manual_seed(seed)
+    """x, alpha, weight, bias, dy (and, with shift=True, a sixth: Derf's shift), drawn on the
+    device itself (a CPU generator would take minutes for the GPU tests' 8x4096x4096)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     C = shape[-1]
-    x = (torch.randn(shape, generator=g) * x_scale).to(device=device, dtype=dtype)
-    alpha = (torch.rand(C, generator=g) + 0.25 if per_channel else torch.tensor([0.7]))
-    weight = torch.randn(C, generator=g)
-    b = torch.randn(C, generator=g) if bias else None
-    dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    x = (torch.randn(shape, generator=g, device=device) * x_scale).to(dtype)
+    alpha = (torch.rand(C, generator=g, device=device) + 0.25 if per_channel else torch.tensor([0.7]))
+    weight = torch.randn(C, generator=g, device=device)
+    b = torch.randn(C, generator=g, device=device) if bias else None
+    dy = torch.randn(shape, generator=g, device=device).to(dtype)
     s = torch.tensor([0.3]) if shift else None
     to = dict(device=device, dtype=param_dtype)
     alpha, weight = alpha.to(**to).requires_grad_(), weight.to(**to).requires_grad_()
@@ -550,7 +551,7 @@ def test_derf_matches_the_derf_layer():
 # the wheel's own cuobjdump reads registers, stack/local memory and SASS. This runs in a
 # subprocess with TRITON_INTERPRET=0, because this session's kernels are interpreted.
 
-SM90_M, SM90_C, SM90_SMS = 4096, 4096, 132  # LLaMA-7B width, one 4096-token sequence, an H100
+SM90_M, SM90_C, SM90_SMS = 4096, 4096, 132  # LLaMA-7B width, one 4096-token sequence; H100 SXM and H200 both have 132 SMs
 REGS_PER_SM = 65536
 
 
@@ -746,18 +747,74 @@ def test_sm90_sass_parser_can_fail():
 # ---------------------------------------------------------------------------------------------
 # GPU, compiled kernels at real sizes
 
-@gpu_only
-@pytest.mark.parametrize("tanh", ["auto", "portable"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(8, 4096, 4096), (70000, 4097), (3, 4097), (1, 193),
-                                   (4, 1), (2, 3, 193)], ids=str)
-def test_gpu_against_float64(monkeypatch, tanh, dtype, shape):
-    monkeypatch.setattr(kernel, "TANH", tanh)
+# The GPU tests are sized to one short device call: every kernel variant they compile (a
+# distinct set of constexprs, block sizes and divisibility of the sizes) costs a Triton compile
+# of ~1-2 s, and each case draws its data on the device. gpu_compile_plan() counts the compiles
+# and prints them with an estimate before the first GPU test runs.
+#   core: tanh and erf, bf16 and fp32, a working set many times the L2 and an odd width, y and
+#         every gradient against float64 (the GPU day's first part: -k gpu_core)
+#   more: fp16, the portable tanh, rows past 65,535 programs, tiny shapes (-k "gpu and not core")
+
+GPU_CORE = [(fn, dtype, shape, per_channel)
+            for fn in ("tanh", "erf") for dtype in (torch.bfloat16, torch.float32)
+            for shape in ((8, 4096, 4096), (3, 4097))
+            for per_channel in ((False, True) if fn == "tanh" else (False,))]
+GPU_MORE = [("tanh", torch.float16, (70000, 4097), True), ("erf", torch.float16, (2, 3, 193), False),
+            ("tanh", torch.float32, (1, 193), False), ("tanh", torch.bfloat16, (4, 1), True),
+            ("erf", torch.float32, (70000, 4097), False)]
+SECONDS_PER_COMPILE = 1.5  # an estimate for these kernels (Triton 3.x, one process)
+
+
+def gpu_compile_plan(cases, tanh_modes=("auto",)):
+    """The distinct kernels `cases` compile (forward, backward, reduce), by what Triton
+    specialises on: the constexprs, the launch configuration and the sizes' divisibility by 16."""
+    keys = set()
+    for fn, dtype, shape, per_channel in cases:
+        C, M = shape[-1], math.prod(shape[:-1])
+        div = (C % 16 == 0, M * C % 16 == 0)
+        for tanh in tanh_modes:
+            flags = (fn, dtype, per_channel, fn == "erf", True, tanh)
+            keys.add(("fwd",) + flags + kernel._fwd_blocks(M, C, torch.finfo(dtype).bits // 8) + div)
+            plan = kernel._bwd_plan(M, C, 132)
+            keys.add(("bwd",) + flags + (plan["block_m"], plan["block_c"], plan["num_warps"]) + div)
+        keys.add(("reduce", per_channel, fn == "erf", C % 16 == 0, plan["red_block_g"]))
+    return len(keys)
+
+
+@pytest.fixture(scope="module")
+def announce_compiles():
+    n = gpu_compile_plan(GPU_CORE) + gpu_compile_plan(GPU_MORE, ("auto", "portable"))
+    print(f"\nGPU kernel tests: about {n} Triton compiles, ~{n * SECONDS_PER_COMPILE:.0f} s "
+          f"at {SECONDS_PER_COMPILE} s each (an estimate), plus the runs", flush=True)
+
+
+def test_gpu_compile_plan_counts_distinct_variants():
+    one = [("tanh", torch.bfloat16, (8, 4096, 4096), False)]
+    assert gpu_compile_plan(one) == 3  # forward, backward, reduce
+    assert gpu_compile_plan(one * 5) == 3  # the same kernels again: nothing new to compile
+    assert gpu_compile_plan(one, ("auto", "portable")) == 5  # the reduce has no tanh
+    assert gpu_compile_plan(GPU_CORE) < 3 * len(GPU_CORE)  # shared variants are counted once
+
+
+def _gpu_check(fn, dtype, shape, per_channel):
     eps = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
     tol = max(2 * eps, 2e-6)
-    for per_channel in (False, True):
-        check_all(shape, dtype, torch.float32, per_channel, tol_y=tol, tol_dx=tol, tol_sum=1e-5)
-        torch.cuda.empty_cache()
+    check_all(shape, dtype, torch.float32, per_channel, tol_y=tol, tol_dx=tol, tol_sum=1e-5, fn=fn)
+    torch.cuda.empty_cache()
+
+
+@gpu_only
+@pytest.mark.parametrize("fn, dtype, shape, per_channel", GPU_CORE, ids=str)
+def test_gpu_core_against_float64(announce_compiles, fn, dtype, shape, per_channel):
+    _gpu_check(fn, dtype, shape, per_channel)
+
+
+@gpu_only
+@pytest.mark.parametrize("tanh", ["auto", "portable"])
+@pytest.mark.parametrize("fn, dtype, shape, per_channel", GPU_MORE, ids=str)
+def test_gpu_more_against_float64(announce_compiles, monkeypatch, tanh, fn, dtype, shape, per_channel):
+    monkeypatch.setattr(kernel, "TANH", tanh)
+    _gpu_check(fn, dtype, shape, per_channel)
 
 
 @gpu_only
@@ -821,19 +878,6 @@ def test_gpu_dyt_layer_and_inductor():
     ref = layer(x.detach().float())
     assert rel_err(y, ref.double()) <= 2 * 2.0 ** -8
     assert layer.alpha.grad.dtype == torch.float32
-
-
-@gpu_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(8, 4096, 4096), (70000, 4097), (3, 4097), (1, 193), (4, 1)],
-                         ids=str)
-def test_gpu_derf_against_float64(dtype, shape):
-    eps = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
-    tol = max(2 * eps, 2e-6)
-    for per_channel in (False, True):
-        check_all(shape, dtype, torch.float32, per_channel, tol_y=tol, tol_dx=tol, tol_sum=1e-5,
-                  fn="erf")
-        torch.cuda.empty_cache()
 
 
 @gpu_only

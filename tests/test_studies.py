@@ -2,19 +2,23 @@
 from the runs table), stopped by SIGTERM and resumed exactly, and its one-line errors."""
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import checkpoint as ck  # noqa: E402
 import train_common as tc  # noqa: E402
-from studies import gpt_norms  # noqa: E402
+from studies import gpt_norms, nanogpt_speed  # noqa: E402
 
 TINY = "--n_layer 1 --eval_tokens 2048"
 
@@ -79,7 +83,7 @@ def test_sigterm_stops_the_study_and_reuse_resumes_it_exactly(tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error: stopped") and "Traceback" not in err, err
-    stopped_at = tc.load_checkpoint(str(run_dir / "ckpt.pt"))["step"]
+    stopped_at = ck.load_checkpoint(str(run_dir / "ckpt.pt"))["step"]
     assert 0 < stopped_at < 300 and not (run_dir / "result.json").exists()
     p = subprocess.run(cmd + ["--reuse"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and f"--- resume {run_dir}" in p.stdout, p.stderr[-2000:]
@@ -101,3 +105,154 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, needle):
         tc.main_guard(gpt_norms.main, budget(tmp_path) + extra)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_nanogpt_attribution_models_swap_only_what_they_say():
+    """studies/nanogpt_speed.py's attribution rows: AblatedAttention with RoPE and three matrices is
+    model.GPTAttention (same weights, same output), and GPT-2's block (GELU MLP, one qkv matrix)
+    has nanoGPT's 12 dim^2 weights a block."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(dim=32, n_layer=2, n_head=4, n_kv_head=4, ffn_dim=64, block_size=16, vocab_size=40, norm="ln")
+    ours = GPT(cfg)
+    same = GPT(cfg)
+    for block in same.blocks:
+        block.attn = nanogpt_speed.AblatedAttention(32, 4, rope=True, one_matrix=False)
+    same.load_state_dict(ours.state_dict())  # the same names and shapes
+    idx = torch.randint(0, 40, (2, 16))
+    torch.testing.assert_close(same(idx)[0], ours(idx)[0], rtol=0, atol=0)
+    gpt2 = nanogpt_speed.gpt2_parts(GPT(cfg), gelu_mlp=True, rope=False, one_qkv=True)
+    block_weights = sum(p.numel() for p in gpt2.blocks[0].parameters() if p.dim() == 2)
+    assert block_weights == 12 * 32 ** 2
+    assert torch.isfinite(gpt2(idx, idx)[1])
+    without_rope = nanogpt_speed.gpt2_parts(GPT(cfg), rope=False)
+    without_rope.load_state_dict(ours.state_dict())
+    assert not torch.allclose(without_rope(idx)[0], ours(idx)[0])  # RoPE did something
+
+
+# ---------------------------------------------------------------------------------------------
+# norms and saturation (the GPT at each norm's best lr across widths; why gamma 1 stalls)
+
+GPT_TINY = ["--dim", "32", "--n_layer", "1", "--n_head", "2", "--n_kv_head", "2", "--seq_len", "32",
+            "--micro_batch", "4", "--global_batch_tokens", "128", "--warmup_steps", "1",
+            "--eval_tokens", "512", "--log_interval", "1", "--eval_interval", "0",
+            "--sample_tokens", "0", "--ckpt_interval", "0", "--device", "cpu"]
+
+
+def outputs(results, name, tables=("",)):
+    for t in tables:
+        assert (results / f"{name}{t}.md").exists() and (results / f"{name}{t}.csv").exists(), name + t
+
+
+def flags_of(argv):
+    """(norm, lr, seed) of a run's train_gpt.py flags."""
+    value = lambda flag: argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+    return value("--norm"), float(value("--lr")), int(value("--seed"))
+
+
+def test_gpt_norms_at_best_lr_and_saturation_trace(tmp_path):
+    # the lr sweep runs at the first seed, the other seeds at the best lr; NAME@gG sets gamma0,
+    # NAME@R the output RMS at init
+    tiny = [f for f in " ".join(GPT_TINY).replace("--dim 32 ", "").replace("--n_head 2 ", "")
+            .replace("--n_kv_head 2 ", "").split()]
+    rows = gpt_norms.main(["norms", "--widths", "32,64", "--norms", "rms,dyt@g1", "--lrs", "1e-3,3e-3",
+                         "--seeds", "0,1", "--extend", "0", "--steps", "2", "--train_args", " ".join(tiny),
+                         "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path), "--jobs", "2"])
+    outputs(tmp_path, "norms_gpt", ("", "_runs"))
+    assert [(r["width"], r["norm"], r["seeds"]) for r in rows] == [
+        (32, "rms", 2), (32, "dyt@g1", 2), (64, "rms", 2), (64, "dyt@g1", 2)]
+    for r in rows:
+        sweep = {float(lr): float(v) for lr, v in
+                 (item.split(":") for item in r["swept (lr: val loss at seed 0)"].split())}
+        assert sorted(sweep) == [1e-3, 3e-3]
+        assert r["best_lr"] == min(sweep, key=sweep.get) and np.isfinite(r["val_loss_mean"])
+    (seed1_run,) = (tmp_path / "runs").glob("w64_dyt_atg1_lr*_s1_2")  # the flags reached the run
+    state = ck.load_checkpoint(str(seed1_run / "ckpt.pt"))
+    assert state["model_config"]["dim"] == 64 and state["model_config"]["dyt_gamma0"] == 1.0
+    rows = gpt_norms.main(["saturation", "--norms", "dyt@g1,derf,rms@2", "--at", "1,3",
+                         "--train_args", " ".join(GPT_TINY + ["--max_steps", "3"]), "--n", "2",
+                         "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
+    outputs(tmp_path, "saturation_gpt", ("", "_layers"))
+    assert [(r["norm"], r["step"]) for r in rows] == [("dyt@g1", 1), ("dyt@g1", 3), ("derf", 1),
+                                                       ("derf", 3), ("rms@2", 1), ("rms@2", 3)]
+    assert all(0 <= r["saturated_in_blocks"] <= 1 for r in rows if r["norm"] != "rms@2")
+    assert all(r["saturated_final"] == "" for r in rows if r["norm"] == "rms@2")
+    state = ck.load_checkpoint(str(tmp_path / "runs" / "saturation_rms_at2_s0" / "ckpt.pt"))
+    assert state["model_config"]["norm_out_rms"] == 2.0  # NAME@R reached the run
+    assert all(r["residual_rms_last_block"] > 0 and 0 <= r["common_share_last_block"] <= 1 + 1e-6
+               for r in rows)
+    with pytest.raises(tc.UserError, match="unknown norm"):
+        gpt_norms.main(["norms", "--norms", "dyx", "--results", str(tmp_path)])
+
+
+def test_lr_sweep_extends_past_an_edge(tmp_path, monkeypatch):
+    # a best lr at the sweep's edge is not known to be best: the sweep goes on by factors of 2
+    # (at most --extend runs); the loss here is lowest at lr 8e-3, beyond the sweep's 4e-3
+    ran = []
+    def fake_run(self, argv, out_dir):
+        spec, lr, seed = flags_of(argv)
+        ran.append((lr, seed))
+        loss = (math.log2(lr / 8e-3)) ** 2 + 1 + 0.01 * seed
+        return {"status": "ok", "val_loss": loss}
+    monkeypatch.setattr(gpt_norms.Launcher, "run", fake_run)
+    base = ["norms", "--widths", "64", "--norms", "dyt", "--seeds", "0,1", "--results", str(tmp_path)]
+    (row,) = gpt_norms.main(base + ["--lrs", "1e-3,2e-3,4e-3"])
+    assert [lr for lr, seed in ran if seed == 0] == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 16e-3])
+    assert row["best_lr"] == pytest.approx(8e-3) and ran[-1] == (row["best_lr"], 1)
+    ran.clear()
+    (row,) = gpt_norms.main(base + ["--lrs", "16e-3,32e-3", "--extend", "1"])  # the low edge
+    assert [lr for lr, seed in ran if seed == 0] == pytest.approx([16e-3, 32e-3, 8e-3])
+    ran.clear()
+    (row,) = gpt_norms.main(base + ["--lrs", "4e-3,8e-3,16e-3"])  # inside: nothing added
+    assert len(ran) == 4 and row["best_lr"] == pytest.approx(8e-3)
+
+
+def test_norms_reuse_reads_the_recorded_runs_table(tmp_path, monkeypatch):
+    # run directories are scratch; with --reuse the committed NAME_runs.csv is read back, so a
+    # later session adds a seed without retraining the rest; another budget's table is not reused
+    ran = []
+    def fake_run(self, argv, out_dir):
+        spec, lr, seed = flags_of(argv)
+        ran.append((spec, lr, seed))
+        loss = 1 + abs(math.log2(lr / 2e-3)) + 0.01 * seed if spec == "dyt" else float("inf")
+        status = "ok" if spec == "dyt" else "diverged: loss is nan"
+        return {"status": status, "steps": 5, **({"val_loss": loss} if spec == "dyt" else {})}
+    monkeypatch.setattr(gpt_norms.Launcher, "run", fake_run)
+    base = ["norms", "--widths", "64", "--norms", "dyt,derf", "--lrs", "1e-3,2e-3,4e-3", "--extend",
+            "0", "--results", str(tmp_path)]
+    first = gpt_norms.main(base + ["--seeds", "0,1"])
+    assert len(ran) == 8
+    ran.clear()
+    again = gpt_norms.main(base + ["--seeds", "0,1,2", "--reuse"])
+    assert ran == [("dyt", 2e-3, 2), ("derf", 1e-3, 2)]  # only the new seed trains
+    assert again[0]["val_loss_mean"] == pytest.approx(np.mean([1, 1.01, 1.02]))
+    assert again[0]["swept (lr: val loss at seed 0)"] == first[0]["swept (lr: val loss at seed 0)"]
+    assert again[1]["diverged"] == 3  # a recorded divergence stays one
+    ran.clear()
+    (fewer,) = gpt_norms.main(base + ["--norms", "dyt", "--seeds", "0", "--reuse"])  # a subset
+    assert ran == [] and fewer["seeds"] == 1
+    with open(tmp_path / "norms_gpt_runs.csv") as f:
+        assert len(f.readlines()) == 1 + 2 * 5  # every recorded run is still in the table
+    gpt_norms.main(base + ["--seeds", "0,1,2", "--reuse", "--steps", "7"])  # another budget
+    assert len(ran) == 10  # all retrained: 3 lrs + 2 more seeds, per norm
+
+
+def test_norms_preset_runs_the_preset_shape(tmp_path, monkeypatch):
+    # --preset micro: the trainer gets the preset (its dim, layers, kv heads, steps), not the
+    # default run's width flags; its table says so, and --widths beside it is a one-line error
+    seen = []
+    def fake_run(self, argv, out_dir):
+        seen.append((argv, os.path.basename(out_dir)))
+        return {"status": "ok", "steps": 1000, "val_loss": 1.0 + len(seen) * 0.01}
+    monkeypatch.setattr(gpt_norms.Launcher, "run", fake_run)
+    (row,) = gpt_norms.main(["norms", "--preset", "micro", "--norms", "dyt", "--lrs", "1e-3", "--extend",
+                           "0", "--seeds", "0,1", "--results", str(tmp_path)])
+    assert row["width"] == 256 and row["seeds"] == 2
+    for argv, run_dir in seen:
+        assert argv[argv.index("--preset") + 1] == "micro" and "--dim" not in argv
+        assert "--n_kv_head" not in argv and run_dir.startswith("micro_dyt_lr0.001_s")
+    assert "--preset micro" in (tmp_path / "norms_gpt_runs.md").read_text().splitlines()[0]
+    with pytest.raises(tc.UserError, match="drop --widths"):
+        gpt_norms.main(["norms", "--preset", "micro", "--widths", "128", "--results", str(tmp_path)])
+    with pytest.raises(tc.UserError, match="choose one of"):
+        gpt_norms.main(["norms", "--preset", "mikro", "--results", str(tmp_path)])

@@ -14,6 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint as ck  # noqa: E402
 import train_common as tc  # noqa: E402
 import train_gpt  # noqa: E402
 import data  # noqa: E402
@@ -148,8 +149,8 @@ def test_sample_from_checkpoint(reference, capsys):
 
 def test_preset_arithmetic():
     cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--preset", "llama7b"])
-    assert (cfg.dim, cfg.n_layer, cfg.seq_len, cfg.lr) == (4096, 32, 4096, 3e-4)
-    assert (cfg.alpha0_attn, cfg.alpha0_other) == (0.8, 0.2) and cfg.fsdp
+    assert (cfg.model.dim, cfg.model.n_layer, cfg.model.block_size, cfg.lr) == (4096, 32, 4096, 3e-4)
+    assert (cfg.model.alpha0_attn, cfg.model.alpha0_other) == (0.8, 0.2) and cfg.fsdp
     # 200B tokens / 4,194,304 tokens per step, rounded up
     assert train_gpt.derive_steps(cfg) == math.ceil(200e9 / 4194304) == 47684
     # 1,024 sequences of 4,096 per step: 8 GPUs x micro_batch 1 -> 128 micro-steps each
@@ -159,10 +160,19 @@ def test_preset_arithmetic():
         train_gpt.batch_plan(cfg, 3)
     cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS,
                                 ["--preset", "llama70b", "--micro_batch", "2", "--max_steps", "10"])
-    assert cfg.lr == 1.5e-4 and (cfg.alpha0_attn, cfg.alpha0_other) == (0.2, 0.05)
+    assert cfg.lr == 1.5e-4 and (cfg.model.alpha0_attn, cfg.model.alpha0_other) == (0.2, 0.05)
     assert train_gpt.derive_steps(cfg) == 10 and train_gpt.batch_plan(cfg, 64) == (1024, 8)
     cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, [])
     assert train_gpt.derive_steps(cfg) == 450 and train_gpt.batch_plan(cfg, 1) == (16, 1)
+    # the shapes are model.py's, declared once: a preset's model is GPT_PRESETS' shape
+    from model import GPT_PRESETS
+    cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--preset", "micro", "--seq_len", "128"])
+    assert {k: getattr(cfg.model, k) for k in GPT_PRESETS["micro"]} == {**GPT_PRESETS["micro"], "block_size": 128}
+    assert cfg.model.norm == "dyt" and cfg.model.vocab_size == 0  # the trainer's defaults stay
+    with pytest.raises(SystemExit) as e:  # a renamed preset names its new name
+        tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--preset", "cpu"],
+                        renamed=train_gpt.RENAMED_PRESETS)
+    assert e.value.code == 2
 
 
 def test_explosion_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
@@ -173,7 +183,7 @@ def test_explosion_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
                                  "--warmup_steps", "10", "--grad_clip", "0", "--max_steps", "60",
                                  "--ckpt_interval", "1", "--explode_factor", "2"], capsys)
     assert ("explod" in err or "diverg" in err) and "ckpt.pt" in err, err
-    state = tc.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    state = ck.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -206,6 +216,7 @@ def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
     def model_for(*flags):
         cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS,
                                     ["--dim", "64", "--n_head", "2", "--n_kv_head", "2", *flags])
+        torch.manual_seed(0)
         return train_gpt.GPT(train_gpt.model_config(cfg, 256))
 
     model = model_for("--norm", "derf")
@@ -229,10 +240,13 @@ def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
     for preset in ("llama7b", "gpt2_small"):
         cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--preset", preset])
         assert train_gpt.model_config(cfg, 256).gamma0s() == (1.0, 1.0, 1.0)
-    for flag in ("--dyt_gamma0", "--alpha0_final", "--norm_out_rms"):
-        for value in ("0", "-1"):
-            err = one_line_error(TINY + ["--out_dir", str(tmp_path), flag, value], capsys)
-            assert err.startswith(f"error: {flag} must be > 0"), err
+    # 0 is "automatic" for every one of them (the default); a negative value is one line
+    automatic = model_for("--norm", "dyt")
+    for flag in ("--dyt_gamma0", "--alpha0_final", "--norm_out_rms", "--alpha0_attn"):
+        same = model_for("--norm", "dyt", flag, "0")
+        assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), automatic.state_dict().values()))
+        err = one_line_error(TINY + ["--out_dir", str(tmp_path), flag, "-1"], capsys)
+        assert err == f"error: {flag} -1.0 is out of range: it must be >= 0 (0: automatic)", err
 
 
 def test_fsdp_bf16_steps_saves_and_resumes_at_world_sizes_1_and_2(tmp_path, reference, capsys):

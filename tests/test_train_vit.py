@@ -165,24 +165,25 @@ def test_norm_flags_reach_the_vit(tmp_path):
                                 default_preset="fashion_mnist")
     model = ViT(cfg.model_config(10, 1))
     layers = [m for m in model.modules() if isinstance(m, Derf)]
-    assert len(layers) == 2 * cfg.depth + 1
-    assert all(m.alpha.item() == pytest.approx(0.8) and torch.equal(m.weight, torch.full((cfg.dim,), 2.5))
+    assert len(layers) == 2 * cfg.model.depth + 1
+    assert all(m.alpha.item() == pytest.approx(0.8) and torch.equal(m.weight, torch.full((cfg.model.dim,), 2.5))
                for m in layers)
     for flag in ("--dyt_gamma0", "--alpha0"):
         p = shell(flag, "0", "--data_dir", str(tmp_path))
-        assert p.returncode == 2 and p.stderr.strip() == f"error: {flag} must be positive, got 0.0", p.stderr
+        assert p.returncode == 2 and p.stderr.strip() == f"error: {flag} 0.0 is out of range: it must be positive", p.stderr
 
 
 def test_presets_follow_the_papers():
     cfg, _, _ = train_vit.tc.parse_config(train_vit.ViTTrainConfig, train_vit.PRESETS,
                                           ["--preset", "vit_l_in1k", "--lr", "1e-3"])
-    assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.img_size) == (1024, 24, 16, 16, 224)
-    assert (cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.drop_path) == (4096, 300, 20, 0.4)
+    m = cfg.model
+    assert (m.dim, m.depth, m.heads, m.patch_size, m.img_size) == (1024, 24, 16, 16, 224)
+    assert (cfg.batch_size, cfg.epochs, cfg.warmup_epochs, m.drop_path) == (4096, 300, 20, 0.4)
     assert (cfg.beta2, cfg.mixup, cfg.cutmix, cfg.reprob, cfg.label_smoothing) == (0.95, 0.8, 1.0, 0.25, 0.1)
     assert cfg.lr == 1e-3 and cfg.ema_decay > 0  # a flag overrides the preset
     cfg, _, _ = train_vit.tc.parse_config(train_vit.ViTTrainConfig, train_vit.PRESETS,
                                           ["--preset", "vit_t_in100"])
-    assert (cfg.dim, cfg.batch_size, cfg.lr, cfg.dataset) == (192, 128, 1e-3, "imagenet100")
+    assert (cfg.model.dim, cfg.batch_size, cfg.lr, cfg.dataset) == (192, 128, 1e-3, "imagenet100")
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR), reason="dataset-fashion-mnist not installed")
