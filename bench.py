@@ -54,12 +54,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dyt import DyT
-from model import GPT, ViT, GPT_PRESETS, VIT_PRESETS, gpt_config, vit_config
+from model import GPT, ViT, GPT_PRESETS, gpt_config, vit_config
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -226,6 +227,9 @@ def build_fused(kind="dyt", tanh="auto", bwd_stages=None):
     def build(C, dtype, device):
         if device.type != "cuda":
             raise Unavailable("the fused Triton kernel needs a CUDA GPU")
+        if tanh == "approx" and dtype == torch.float32:
+            raise Unavailable("tanh.approx applies to bf16/fp16 inputs; fp32 runs libdevice tanh, "
+                              "the 'DyT fused (Triton)' row")
         kernel = load_kernel()
         probe = torch.empty(1, C, device=device, dtype=dtype)
         if not kernel.available(probe):
@@ -350,10 +354,10 @@ def kernel_ops(device, bwd_stages=()):
 
 def shape_sets(device, vit_batch, only, full=False):
     """{set name: [shape, ...]}. The CPU gets fewer rows so that the whole run stays under a
-    minute; the GPU gets the paper's shapes (eight sequences and the sweep with --full)."""
+    minute; the GPU gets the paper's shapes (one and eight sequences; the sweep with --full)."""
     if device.type == "cuda":
         sets = {
-            "llama7b": [(4096, 4096)] + ([(8, 4096, 4096)] if full else []),  # 1 (8) sequences
+            "llama7b": [(8, 4096, 4096), (4096, 4096)],  # 8 sequences (>> L2), and one
             "vit_b": [(vit_batch, 197, 768)],                    # 196 patches + class token
             "sweep": [(2 ** 25 // C, C) for C in (256, 512, 768, 1024, 2048, 4096, 8192, 16384)],
             "gpt": [(8 * 256, 384)],
@@ -465,9 +469,17 @@ def l2_bytes(device):
     return 32 * 2 ** 20  # a typical last-level cache; only sizes the CPU's input rotation
 
 
-def bench_kernels(args, device):
+def bench_kernels(args, device, record=lambda row: None):
     ops, notes = kernel_ops(device, args.bwd_stages)
+    if args.ops:
+        unknown = set(args.ops) - {name for name, _, _ in ops}
+        if unknown:
+            print(f"bench.py: error: --ops {', '.join(sorted(unknown))}: no such row; choose from "
+                  f"{', '.join(name for name, _, _ in ops)}", file=sys.stderr)
+            sys.exit(2)
+        ops = [op for op in ops if op[0] in args.ops]
     cuda = device.type == "cuda"
+    l2 = l2_bytes(device)
     notes = [
         "bytes counted per row (N elements of e bytes): fwd = 2*N*e (read x, write y); fwd+bwd = "
         "5*N*e (also read x and dy, write dx); parameters and per-row statistics not counted",
@@ -481,6 +493,10 @@ def bench_kernels(args, device):
         "device-to-device copy of the layer's own size (and of 1 GiB in the JSON)",
         "checked before timing, outputs NaN-poisoned first: y, and for fwd+bwd dx and every "
         "parameter gradient, as relative norm errors against float64 (rel. err: the largest)",
+        f"L2 cache {l2 / 2 ** 20:.0f} MiB (read from the device); 'x L2' is each row's bytes moved "
+        "over it. Rows whose working set is several times the L2 (8x4096x4096) are the "
+        "bandwidth numbers; smaller ones can be flattered by an L2 that holds their inputs "
+        "(do_bench flushes only before each call, graph replays never)",
     ] + notes
     copy_gbps = measure_copy_bandwidth(device)
     print(f"device-to-device copy, 1 GiB: {copy_gbps:.1f} GB/s (bytes read + written)", flush=True)
@@ -503,7 +519,8 @@ def bench_kernels(args, device):
             group = []
             for name, kind, build in ops:
                 row = dict(set=set_name, shape="x".join(map(str, shape)), channels=shape[-1],
-                           dtype=dtype_name, direction=direction, op=name, bytes=n_bytes)
+                           dtype=dtype_name, direction=direction, op=name, bytes=n_bytes,
+                           bytes_vs_l2=n_bytes / l2)
                 try:
                     fn, params = build(shape[-1], dtype, device)
                     x0, dy0 = buffers[0]
@@ -552,6 +569,7 @@ def bench_kernels(args, device):
                     r["vs_rms"] = base["RMSNorm"] / r[key] if base.get("RMSNorm") else None
                     r["vs_ln"] = base["LayerNorm"] / r[key] if base.get("LayerNorm") else None
                 print(format_kernel_row(r), flush=True)
+                record(r)
             rows += group
             del buffers
     return dict(copy_gbps=copy_gbps, copy_gbps_layer_size={f"{n} x {e} B": v for (n, e), v in copy_at.items()},
@@ -709,18 +727,19 @@ def host_cost_note(h):
             f"tensor): {h['plain_malloc_fwd_bwd_us']:.1f} us (floor {h['plain_malloc_floor_fwd_bwd_us']:.1f})")
 
 
-KERNEL_HEADER = ("| set | shape | dtype | pass | op | median ms | p20-p80 ms | graph ms | GB/s | % copy | "
+KERNEL_HEADER = ("| set | shape | dtype | pass | op | x L2 | median ms | p20-p80 ms | graph ms | GB/s | % copy | "
                  "graph % copy | vs RMSNorm | vs LayerNorm | rel. err |")
 
 
 def format_kernel_row(r):
+    l2 = f"{r['bytes_vs_l2']:.1f}" if "bytes_vs_l2" in r else "-"
     if "ms" not in r:
-        return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
+        return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | {l2} | "
                 f"skipped: {r['skipped']} | | | | | | | | |")
     ratio = lambda v: f"{v:.2f}x" if v else "-"
     graph = f"{r['graph_ms']:.4f}" if "graph_ms" in r else ("failed" if "graph_error" in r else "-")
     graph_pct = f"{r['graph_pct_copy']:.1f}%" if "graph_pct_copy" in r else "-"
-    return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | "
+    return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | {l2} | "
             f"{r['ms']:.4f} | {r['ms_p20']:.4f}-{r['ms_p80']:.4f} | {graph} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | "
             f"{graph_pct} | {ratio(r['vs_rms'])} | {ratio(r['vs_ln'])} | {r['rel_err']:.1e} |")
 
@@ -806,12 +825,13 @@ def hooked_norm_ms(model, run, device):
     return sum(r() for r in readings)
 
 
-def bench_model(args, device):
+def bench_model(args, device, record=lambda row: None):
     preset = args.preset or ("llama7b" if device.type == "cuda" else "nano")
     dtype = DTYPES[args.model_dtype or ("bf16" if device.type == "cuda" else "fp32")]
     cfg = gpt_config(preset)
     seq = args.seq or cfg.block_size
-    passes = args.passes
+    passes, repeats = args.passes, min(args.repeats, args.passes)
+    chunk = passes // repeats
     gen = torch.Generator(device="cpu").manual_seed(0)
     idx = torch.randint(cfg.vocab_size, (1, seq), generator=gen).to(device)
     targets = torch.randint(cfg.vocab_size, (1, seq), generator=gen).to(device)
@@ -830,38 +850,52 @@ def bench_model(args, device):
                 _, loss = model(idx, targets)
                 loss.backward()
 
-        def timed(run, k):
-            clock = Clock(device)
-            synchronize(device)
-            clock.start()
-            run(k)
-            reading = clock.stop()
-            synchronize(device)
-            return reading() / 1e3  # seconds for k passes
+        def per_pass(run):
+            """Seconds per pass in each of `repeats` chunks of the passes: their mean and its
+            standard error say how far a difference of two models can be trusted."""
+            times = []
+            for _ in range(repeats):
+                clock = Clock(device)
+                synchronize(device)
+                clock.start()
+                run(chunk)
+                reading = clock.stop()
+                synchronize(device)
+                times.append(reading() / 1e3 / chunk)
+            return float(np.mean(times)), float(np.std(times, ddof=1) / np.sqrt(repeats)) if repeats > 1 else 0.0
 
         forward_passes(args.warmup)
-        fwd_s = timed(forward_passes, passes)
+        fwd, fwd_se = per_pass(forward_passes)
         hook_fwd_s = None
         if norm != "identity":
             hook_fwd_s = hooked_norm_ms(model, lambda: forward_passes(passes), device) / 1e3
         train_passes(args.warmup)
-        train_s = timed(train_passes, passes)
-        row = dict(model=label, norm=norm, fused=fused, forward_s=fwd_s, forward_backward_s=train_s,
+        train, train_se = per_pass(train_passes)
+        row = dict(model=label, norm=norm, fused=fused, forward_s=fwd * passes, forward_se_s=fwd_se * passes,
+                   forward_backward_s=train * passes, forward_backward_se_s=train_se * passes,
                    norm_forward_s_hooks=hook_fwd_s, n_norm_layers=len(norm_modules(model)))
         results.append(row)
-        print(f"{label}: {passes} forward {fwd_s:.3f} s, {passes} forward+backward {train_s:.3f} s"
-              + (f", norm layers forward (hooks) {hook_fwd_s:.3f} s" if hook_fwd_s is not None else ""),
-              flush=True)
+        print(format_model_row(row), flush=True)
+        record(row)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     identity = next(r for r in results if r["norm"] == "identity")
     for r in results:
-        if r is not identity:
-            r["norm_forward_s_subtract"] = r["forward_s"] - identity["forward_s"]
-            r["norm_forward_backward_s_subtract"] = r["forward_backward_s"] - identity["forward_backward_s"]
+        if r is identity:
+            continue
+        for kind in ("forward", "forward_backward"):
+            diff = r[f"{kind}_s"] - identity[f"{kind}_s"]
+            se = math.hypot(r[f"{kind}_se_s"], identity[f"{kind}_se_s"])
+            r[f"norm_{kind}_s_subtract"] = diff
+            r[f"norm_{kind}_s_subtract_ci"] = 2 * se  # about 95%
+            r[f"norm_{kind}_s_subtract_within_noise"] = abs(diff) <= 2 * se
+    notes = [f"{passes} passes of each kind per model in {repeats} chunks of {chunk}: a time is the "
+             "mean over the chunks times the passes, +- twice its standard error; 'subtract' "
+             "(the model minus the same model with nn.Identity in every norm slot) is within the "
+             "noise where its +- covers 0, and the table says so"]
     return dict(preset=preset, dtype=str(dtype).replace("torch.", ""), seq_len=seq, batch=1,
-                passes=passes, warmup=args.warmup, rows=results)
+                passes=passes, repeats=repeats, warmup=args.warmup, rows=results, notes=notes)
 
 
 MODEL_HEADER = ("| model | whole model, fwd (s) | whole model, fwd+bwd (s) | norm layers fwd, "
@@ -870,9 +904,16 @@ MODEL_HEADER = ("| model | whole model, fwd (s) | whole model, fwd+bwd (s) | nor
 
 def format_model_row(r):
     f = lambda v: "-" if v is None else f"{v:.3f}"
-    return (f"| {r['model']} | {f(r['forward_s'])} | {f(r['forward_backward_s'])} | "
-            f"{f(r.get('norm_forward_s_subtract'))} | {f(r.get('norm_forward_backward_s_subtract'))} | "
-            f"{f(r.get('norm_forward_s_hooks'))} |")
+    pm = lambda k: f"{f(r[k])} +- {2 * r[k.replace('_s', '_se_s')]:.3f}" if k in r else "-"
+
+    def sub(kind):
+        k = f"norm_{kind}_s_subtract"
+        if k not in r:
+            return "-"
+        noise = " (within the noise)" if r[f"{k}_within_noise"] else ""
+        return f"{r[k]:.3f} +- {r[k + '_ci']:.3f}{noise}"
+    return (f"| {r['model']} | {pm('forward_s')} | {pm('forward_backward_s')} | {sub('forward')} | "
+            f"{sub('forward_backward')} | {f(r.get('norm_forward_s_hooks'))} |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -917,7 +958,7 @@ def memory_cases(device, args):
     return [c for c in cases if fused_ok or not c[4]]
 
 
-def bench_memory(args, device):
+def bench_memory(args, device, record=lambda row: None):
     rows = []
     for label, norm_label, arch, norm, fused, batch, seq in memory_cases(device, args):
         torch.manual_seed(0)
@@ -962,6 +1003,7 @@ def bench_memory(args, device):
             del opt
         rows.append(row)
         print(format_memory_row(row), flush=True)
+        record(row)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -1025,10 +1067,11 @@ def device_tag(env):
     return "cpu" if env["device_type"] == "cpu" else re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
 
 
-def write_results(out_dir, stem, env, result, header, lines, title):
+def write_results(out_dir, stem, env, result, header, lines, title, json_too=True):
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(dict(environment=env, **result), indent=1) + "\n")
+    if json_too:
+        json_path.write_text(json.dumps(dict(environment=env, **result), indent=1) + "\n")
     md = [f"# {title}", "",
           f"Device: {env['device']}. torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"Python {env['python']}. {env['date']}. Command: `{env['command']}`."
@@ -1040,6 +1083,30 @@ def write_results(out_dir, stem, env, result, header, lines, title):
     md += lines
     md_path.write_text("\n".join(md) + "\n")
     return json_path, md_path
+
+
+class Recorder:
+    """A benchmark's rows written as each finishes, so that a run cut short (a timeout, a kill)
+    keeps what it measured: STEM.jsonl gets the row at once, STEM.md is rewritten with every
+    row so far; finish() writes STEM.json and the final STEM.md with the notes."""
+
+    def __init__(self, out_dir, stem, env, header, fmt, title):
+        self.out_dir, self.stem, self.env, self.header, self.fmt, self.title = out_dir, stem, env, header, fmt, title
+        self.rows = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.jsonl").write_text("")
+
+    def add(self, row):
+        self.rows.append(row)
+        with open(self.out_dir / f"{self.stem}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        write_results(self.out_dir, self.stem, self.env, {"notes": ["partial: the run is still going, "
+                      "or was stopped before its end"], "rows": self.rows}, self.header,
+                      [self.fmt(r) for r in self.rows], self.title, json_too=False)
+
+    def finish(self, result, title=None):
+        return write_results(self.out_dir, self.stem, self.env, result, self.header,
+                             [self.fmt(r) for r in result["rows"]], title or self.title)
 
 
 def separator(header):
@@ -1066,10 +1133,12 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="bf16,fp32", help="kernel level: comma list of bf16, fp32, fp16")
     p.add_argument("--only", default=None, help="kernel level: comma list of llama7b, vit_b, sweep, gpt "
                    "(default: llama7b,vit_b on a GPU, all four on a CPU)")
-    p.add_argument("--full", action="store_true", help="kernel level on a GPU: also 8x4096x4096, the "
-                   "channel sweep and ViT-B in fp32 (longer than the default's ~5 minutes)")
+    p.add_argument("--full", action="store_true", help="kernel level on a GPU: also the channel "
+                   "sweep and ViT-B in fp32")
     p.add_argument("--bwd-stages", default="", help="kernel level: also time the fused DyT with these "
                    "backward pipelining depths, e.g. 1,3 (the default depth is kernel.BWD_STAGES)")
+    p.add_argument("--ops", default="", help="kernel level: only these rows (comma list of their names, "
+                   "e.g. 'DyT fused (Triton),RMSNorm')")
     p.add_argument("--no-graphs", action="store_true", help="kernel level: skip the CUDA-graph timings")
     p.add_argument("--no-host-cost", action="store_true", help="skip the host-cost measurement")
     p.add_argument("--vit-batch", type=int, default=128, help="ViT-B batch (kernel level and --memory)")
@@ -1078,6 +1147,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=None, help="--model: sequence length (default: the preset's block size)")
     p.add_argument("--passes", type=int, default=100, help="--model: timed passes of each kind")
     p.add_argument("--warmup", type=int, default=3, help="--model: untimed passes first")
+    p.add_argument("--repeats", type=int, default=5, help="--model: chunks the passes are timed in "
+                   "(their spread gives each time's error)")
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # moved with --nanogpt
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: on a small shared machine more threads than free "
@@ -1088,6 +1159,7 @@ def parse_args(argv=None):
         p.error("the training step against nanoGPT moved: python studies/nanogpt_speed.py "
                 "/path/to/nanoGPT [--compile] (the same other flags)")
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     args.only_given = args.only is not None
     if args.only is None:
         gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
@@ -1107,7 +1179,7 @@ def parse_args(argv=None):
         p.error(f"--model-dtype {args.model_dtype}: choose bf16 or fp32")
     if args.preset is not None and args.preset not in GPT_PRESETS:
         p.error(f"--preset {args.preset}: choose one of {', '.join(GPT_PRESETS)}")
-    for flag in ("vit_batch", "gpt_batch", "passes", "threads"):
+    for flag in ("vit_batch", "gpt_batch", "passes", "threads", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.seq is not None and args.seq < 1):
@@ -1145,40 +1217,35 @@ def main(argv=None):
         print("No CUDA GPU: CPU comparisons only. The fused Triton kernel, CUDA-event timings and "
               "peak GPU memory need a GPU (see the module docstring for the commands).", flush=True)
     out, tag = Path(args.out), device_tag(env)
+    where = "CPU" if tag == "cpu" else env["device"]
     if args.model:
-        result = bench_model(args, device)
-        lines = [format_model_row(r) for r in result["rows"]]
-        title = (f"DyT model-level timing ({result['preset']}, {result['dtype']}, 1 x {result['seq_len']} "
-                 f"tokens, {result['passes']} passes each) on {tag.upper() if tag == 'cpu' else env['device']}")
-        paths = write_results(out, f"bench_model_{result['preset']}_{tag}", env, result, MODEL_HEADER, lines, title)
-        header = MODEL_HEADER
+        preset = args.preset or ("llama7b" if device.type == "cuda" else "nano")
+        stem, header, fmt = f"bench_model_{preset}_{tag}", MODEL_HEADER, format_model_row
+        title = lambda r: (f"DyT model-level timing ({r['preset']}, {r['dtype']}, 1 x {r['seq_len']} tokens, "
+                           f"{r['passes']} passes each) on {where}")
+        bench = bench_model
     elif args.memory:
-        result = bench_memory(args, device)
-        lines = [format_memory_row(r) for r in result["rows"]]
-        title = f"DyT memory of one training step on {'CPU' if tag == 'cpu' else env['device']}"
-        paths = write_results(out, f"bench_memory_{tag}", env, result, MEMORY_HEADER, lines, title)
-        header = MEMORY_HEADER
+        stem, header, fmt = f"bench_memory_{tag}", MEMORY_HEADER, format_memory_row
+        title, bench = lambda r: f"DyT memory of one training step on {where}", bench_memory
     else:
-        result = bench_kernels(args, device)
-        if not args.no_host_cost:
-            result["host_cost"] = host_cost()
-            result["notes"].append(host_cost_note(result["host_cost"]))
-            print(host_cost_note(result["host_cost"]), flush=True)
-        lines = [format_kernel_row(r) for r in result["rows"]]
-        title = (f"DyT kernel-level benchmark on {'CPU' if tag == 'cpu' else env['device']}"
-                 f" (copy bandwidth {result['copy_gbps']:.1f} GB/s)")
-        # a partial run (--only) gets its own files, so that two halves run apart both survive
-        stem = f"bench_{tag}" if not args.only_given else f"bench_{tag}_{'_'.join(args.only)}"
-        paths = write_results(out, stem, env, result, KERNEL_HEADER, lines, title)
-        header = KERNEL_HEADER
+        # a partial run (--only, --ops) gets its own files, so that two halves run apart both survive
+        stem = f"bench_{tag}" + (f"_{'_'.join(args.only)}" if args.only_given else "") + ("_ops" if args.ops else "")
+        header, fmt, bench = KERNEL_HEADER, format_kernel_row, bench_kernels
+        title = lambda r: f"DyT kernel-level benchmark on {where} (copy bandwidth {r['copy_gbps']:.1f} GB/s)"
+    recorder = Recorder(out, stem, env, header, fmt, f"{stem} (partial)")
+    result = bench(args, device, recorder.add)
+    if bench is bench_kernels and not args.no_host_cost:
+        result["host_cost"] = host_cost()
+        result["notes"].append(host_cost_note(result["host_cost"]))
+        print(host_cost_note(result["host_cost"]), flush=True)
+    paths = recorder.finish(result, title(result))
     print()
     for note in result.get("notes", []):
         print(f"note: {note}")
     print(header)
     print(separator(header))
-    print("\n".join(lines))
+    print("\n".join(fmt(r) for r in result["rows"]))
     print(f"wrote {paths[0]} and {paths[1]}")
-
 
 if __name__ == "__main__":
     main()

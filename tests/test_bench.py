@@ -150,9 +150,42 @@ def test_model_mode_tiny_on_cpu(tmp_path):
 @pytest.mark.parametrize("flags", [["--bogus"], ["--dtypes", "fp8"], ["--only", "resnet"],
                                    ["--model", "--memory"], ["--preset", "gpt5"], ["--passes", "0"],
                                    ["--bwd-stages", "x"], ["--bwd-stages", "9"],
-                                   ["--nanogpt", "/nonexistent"], ["--compile"]])
+                                   ["--nanogpt", "/nonexistent"], ["--compile"], ["--ops", "DyT magic"]])
 def test_bad_flags_give_one_line(flags, tmp_path):
     proc, _ = run_bench(flags, tmp_path, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench.py: error:"), proc.stderr
+
+
+def test_each_row_is_written_as_it_finishes(tmp_path):
+    # a run killed part-way (a device call's timeout) keeps every row it finished
+    patch = ("import os, signal, bench\n"
+             "_add = bench.Recorder.add\n"
+             "def add(self, row):\n"
+             "    _add(self, row)\n"
+             "    if len(self.rows) == 2:\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "bench.Recorder.add = add\n"
+             "import sys; sys.argv = ['bench.py'] + sys.argv[1:]; bench.main()\n")
+    proc = subprocess.run([sys.executable, "-c", patch, "--out", str(tmp_path), "--device", "cpu",
+                           "--only", "gpt", "--ops", "RMSNorm,LayerNorm", "--no-host-cost"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    stem = "bench_cpu_gpt_ops"
+    rows = [json.loads(line) for line in (tmp_path / f"{stem}.jsonl").read_text().splitlines()]
+    assert [r["op"] for r in rows] == ["LayerNorm", "RMSNorm"] and all(r["ms"] > 0 for r in rows)
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert "partial" in md and md.count("| gpt | 2048x384 |") == 2
+    assert not (tmp_path / f"{stem}.json").exists()  # the whole-run file only at the end
+
+
+def test_model_mode_reports_its_spread(tmp_path):
+    proc, _ = run_bench(["--model", "--device", "cpu", "--preset", "nano", "--seq", "32",
+                         "--passes", "4", "--repeats", "2", "--warmup", "1"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench_model_nano_cpu.json").read_text())
+    dyt = next(r for r in result["rows"] if r["model"] == "DyT plain")
+    assert dyt["forward_se_s"] >= 0 and dyt["norm_forward_s_subtract_ci"] >= 0
+    assert isinstance(dyt["norm_forward_backward_s_subtract_within_noise"], bool)
+    assert "+-" in (tmp_path / "bench_model_nano_cpu.md").read_text()
