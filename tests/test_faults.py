@@ -312,6 +312,41 @@ def test_divergence_never_checkpoints_a_diverged_state_and_the_named_one_resumes
 
 
 # ---------------------------------------------------------------------------------------------
+# Out of GPU memory: the fault users meet most. Injected on the CPU: the model's forward raises
+# torch.cuda.OutOfMemoryError in training step 3, as the allocator does on a GPU.
+
+OUT_OF_MEMORY = """
+import torch, model
+_forward, _n = {cls}.forward, [0]
+def _oom(self, *a, **k):
+    _n[0] += self.training
+    if self.training and _n[0] == 3:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _forward(self, *a, **k)
+{cls}.forward = _oom
+"""
+
+
+@pytest.mark.parametrize("file, argv, cls, fix", [
+    ("train_gpt.py", GPT_TINY + ["--max_steps", "6", "--ckpt_interval", "2"], "model.GPT",
+     "lower --micro_batch, add --activation_checkpointing, or use a shorter --seq_len"),
+    ("train_vit.py", ["--max_steps", "6", "--ckpt_interval", "2", "--dim", "32", "--depth", "2",
+                      "--heads", "2", "--batch_size", "16", "--micro_batch", "16", "--device", "cpu",
+                      "--data_dir", "{idx}"], "model.ViT",
+     "lower --micro_batch or add --activation_checkpointing"),
+])
+def test_out_of_memory_is_one_line_naming_the_fix_and_keeps_the_checkpoint(tmp_path, idx, file, argv, cls, fix):
+    out = str(tmp_path)
+    argv = [a.replace("{idx}", str(idx)) for a in argv] + ["--out_dir", out]
+    err = one_line(run(file, argv, OUT_OF_MEMORY.format(cls=cls)))
+    micro = argv[argv.index("--micro_batch") + 1]
+    assert err.startswith(f"error: out of memory at step 3 with --micro_batch {micro} (") and fix in err, err
+    assert f"the last checkpoint {os.path.join(out, 'ckpt.pt')} is intact" in err, err
+    assert ck.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 2
+    assert not os.path.exists(os.path.join(out, "run.lock"))  # released on the way out
+
+
+# ---------------------------------------------------------------------------------------------
 # Full and read-only disks
 
 
