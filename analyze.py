@@ -7,10 +7,11 @@ a picture each (PNG; matplotlib is optional: without it the tables are still wri
     python analyze.py ablations       --epochs 1                   # Tables 8-9, ViT study Table 5
     python analyze.py alpha0          --model vit --alpha0 0.1,0.5,1,2,4
     python analyze.py alpha0          --model gpt --alpha0_attn 0.5,1,2 --alpha0_other 0.5,1,2
-    python analyze.py norms           --widths 64,128 --norms rms,dyt,derf   # ours: best lr each
-    python analyze.py saturation      --norms dyt@g1,dyt,rms                 # ours: the stall
     python analyze.py robustness      --ckpt out/vit_ln --ckpt out/vit_dyt   # ViT study sec. 6
     python analyze.py representations --ckpt out/vit_ln --ckpt out/vit_dyt   # secs. 7-8
+
+This project's own studies (each norm at its best lr across widths and budgets, the gamma-1
+stall) are in studies/gpt_norms.py.
 
 --ckpt takes a ckpt.pt written by train_vit.py or train_gpt.py, or the directory holding it.
 Everything lands in --results (default out/analysis; the committed ones are in
@@ -93,7 +94,7 @@ def vit_test_set(state, data_dir="", device="cpu"):
     """The test split the ViT was evaluated on (data_vision.InMemoryImages)."""
     import data_vision
     import train_vit
-    saved = state.get("train_config") or state.get("config") or {}  # "config": before 2026-12-03
+    saved = state.get("train_config") or state.get("config") or {}  # "config": older ViT checkpoints
     known = {f.name for f in fields(train_vit.ViTTrainConfig)} - {"model"}
     cfg = train_vit.ViTTrainConfig(**{k: v for k, v in saved.items() if k in known},
                                    model=ViTConfig(**state["model_config"]))

@@ -5,7 +5,7 @@ Three modes:
 
   python bench.py            kernel level: one layer at a time, forward and forward+backward,
                              bf16 and fp32, at LLaMA-7B and ViT-B activation shapes and over a
-                             sweep of channel counts (on a CPU also at the GPT shape of --nanogpt).
+                             sweep of channel counts (on a CPU also at nanoGPT's GPT shape).
   python bench.py --model    the DyT paper's Table 7: LLaMA 7B in bf16, one 4096-token sequence,
                              100 forward and 100 forward+backward passes, with RMSNorm, fused DyT
                              and plain DyT; the time of the whole model and of the norm layers.
@@ -367,7 +367,7 @@ def shape_sets(device, vit_batch, only, full=False):
             "llama7b": [(512, 4096)],                            # 512 tokens at LLaMA-7B width
             "vit_b": [(min(vit_batch, 8), 197, 768)],
             "sweep": [(2 ** 20 // C, C) for C in (256, 4096)],
-            "gpt": [(8 * 256, 384)],  # bench --nanogpt's (and README's) shape: 8 x 256 tokens, 384 wide
+            "gpt": [(8 * 256, 384)],  # studies/nanogpt_speed.py's shape: 8 x 256 tokens, 384 wide
         }
     return {k: v for k, v in sets.items() if k in only}
 
@@ -449,7 +449,7 @@ def nan_poisoned(device, nbytes, compiled):
 def measure_copy_bandwidth(device, n_bytes=None):
     """GB/s of a device-to-device copy of n_bytes (bytes read + written): the practical ceiling.
     Default 1 GiB on a GPU (64 MiB on a CPU); bench_kernels also measures it at each layer's own
-    size (4096 x 4096 bf16 is 32 MiB, under an H100's 50 MB L2 for one buffer: rotating source
+    size (4096 x 4096 bf16 is 32 MiB, under an H200's 60 MB L2 for one buffer: rotating source
     buffers, as the layers get, keep it a DRAM number)."""
     if n_bytes is None:
         n_bytes = 2 ** 30 if device.type == "cuda" else 2 ** 26
@@ -465,7 +465,7 @@ def measure_copy_bandwidth(device, n_bytes=None):
 
 def l2_bytes(device):
     if device.type == "cuda":
-        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20)
+        return torch.cuda.get_device_properties(device).L2_cache_size
     return 32 * 2 ** 20  # a typical last-level cache; only sizes the CPU's input rotation
 
 

@@ -98,11 +98,12 @@ _FN_TANH, _FN_ERF = 0, 1
 # Not 2*sigmoid(2z)-1, which loses all relative precision as z -> 0.
 #
 # Cost per element (static sm_90 SASS, see tests/test_kernel.py::test_sm90_*): libdevice tanh
-# ~30-39 instructions, tanh.approx (one MUFU.TANH) ~8-18. At 3 TB/s a bf16 forward (4 B per
-# element) streams 750 elements/ns, 5.7 per SM per ns, ~3.3 per SM per clock at ~1.75 GHz; an SM
-# issues 4 warp-instructions (128 thread-instructions) per clock, so the budget is ~39
-# instructions per element. libdevice tanh takes most of it (the review's estimate: ~70% of issue
-# slots), which is why tanh.approx is worth measuring.
+# ~30-39 instructions, tanh.approx (one MUFU.TANH) ~8-18. On an H200 (132 SMs, a device copy
+# measured at ~4.3 TB/s, SM clock up to ~1.98 GHz) a bf16 forward (4 B per element) streams
+# ~1075 elements/ns, 8.1 per SM per ns, ~4.1 per SM per clock; an SM issues 4 warp-instructions
+# (128 thread-instructions) per clock, so the budget is ~31 instructions per element (~39 on an
+# H100 at ~3.0 TB/s). libdevice tanh needs about all of it, which is why tanh.approx is worth
+# measuring.
 
 @triton.jit
 def _tanh(z, MODE: tl.constexpr):
@@ -161,7 +162,7 @@ def _squash_grad(z, f, FN: tl.constexpr):
 # Forward: y = gamma * f(alpha * x [+ s]) + beta on a [M, C] row-major tensor.
 # Bytes: 2 x M x C x e (read x, write y). ~16 KiB of input per program, 8 warps: 128-bit loads
 # and stores (static check), 60-ish registers -> 4 blocks of 8 warps per SM, 64 KiB in flight
-# per SM at most, over the ~16 KiB/SM that 3 TB/s x ~0.7 us of latency needs. Expected: 90%+ of
+# per SM at most, over the ~22 KiB/SM that 4.3 TB/s x ~0.7 us of latency needs. Expected: 90%+ of
 # copy when tanh is cheap enough (approx, erf) and ~80-90% with libdevice tanh (issue-bound near
 # 70% of slots, see above). Estimates: no GPU has timed this kernel yet.
 
@@ -224,23 +225,25 @@ def _squash_fwd_kernel(X, Y, A, S, W, B, M, C, n_cblocks,
 # PB[r, cols], PA[r, cols] (per-channel alpha). Scalar alpha and s write one number per
 # program: PA[pid], PS[pid].
 #
-# Sizes for 4096 x 4096 bf16 on an H100 (132 SMs, ~3.0 TB/s copy):
-#   bytes       x + dy + dx = 96 MiB; floor 96 MiB / 3.0 TB/s = 33.6 us.
+# Sizes for 4096 x 4096 bf16 on an H200 (132 SMs, ~4.3 TB/s copy measured, 60 MB L2):
+#   bytes       x + dy + dx = 96 MiB; floor 96 MiB / 4.3 TB/s = 23.4 us. (x alone, 32 MiB, fits
+#               in the L2: bench.py's headline rows are at 8 x 4096 x 4096, 8x the bytes.)
 #   programs    2 per SM, never more (a 265th program would be a second wave): 16 column
 #               blocks x 16 row ranges of 256 rows = 256 programs.
 #   partials    256 x 256 channels x 4 B x 2 (gamma, beta) = 0.5 MiB written, read again by
 #               the reduce: 1 MiB, 1% of the backward's bytes (8% in the previous design).
-#   in flight   Little's law: 3.0 TB/s x ~0.7 us of DRAM latency / 132 SMs ~ 16 KiB per SM must
+#   in flight   Little's law: 4.3 TB/s x ~0.7 us of DRAM latency / 132 SMs ~ 22 KiB per SM must
 #               be outstanding. One tile of x + dy is 2048 x 2 x 2 B = 8 KiB; with NUM_STAGES=2
 #               the next tile's cp.async is in flight while this one is computed, so each
 #               program keeps 8-16 KiB outstanding and the 2 resident programs 16-32 KiB per SM
-#               (fp32: twice that). Registers: 80 (tanh) / 111 (erf) for bf16 scalar alpha on
+#               (fp32: twice that): at the edge for bf16 on an H200, which is what
+#               `bench.py --bwd-stages 1,3` measures. Registers: 80 (tanh) / 111 (erf) for bf16 scalar alpha on
 #               Triton 3.9, <= 128 in every variant the static test compiles: 2 blocks of 8
 #               warps fit (65,536 registers per SM).
 #   expected    80-90% of copy for the backward kernel (the previous design: one 8-warp block
 #               per SM at 149 registers, no pipelining, ~16 KiB in flight: est. 65-85%).
 #               With the reduce (~1 MiB, a few us of latency) fwd+bwd at 4096^2 bf16 has a
-#               floor of 160 MiB / 3.0 TB/s = 55.9 us. All estimates: no GPU has run this.
+#               floor of 160 MiB / 4.3 TB/s = 39 us. All estimates: no GPU has run this.
 
 @triton.jit
 def _squash_bwd_kernel(X, DY, DX, A, S, W, P, M, C, rows_per_prog, n_cblocks, pb_off, pa_off,
@@ -662,7 +665,7 @@ def squash(x, alpha, weight, bias=None, shift=None, fn="tanh"):
     _check(x, alpha, weight, bias, shift)
     if not available(x):
         raise RuntimeError("dyt: the Triton kernel cannot run on this tensor "
-                           f"({x.device}, {x.dtype}); use dyt.dyt_reference, or set "
+                           f"({x.device}, {x.dtype}); use the layers in dyt.py, or set "
                            "TRITON_INTERPRET=1 before importing kernel to run it on CPU")
     if not alpha.is_contiguous():
         alpha = alpha.contiguous()

@@ -231,9 +231,8 @@ def dyt_out_rms_at_gamma1(norm, alpha0, input_rms):
     """RMS of a DyT-like layer's output with gamma 1 and beta 0 (its squash f alone) for
     inputs ~ N(0, input_rms^2): sqrt(E[f(alpha0 x)^2]), by 64-point Gauss-Hermite quadrature.
 
-    Why a GPT's DyT gamma is set from this (this project's finding, measured in README "DyT
-    and Derf on the small GPT"). DyT(x) = gamma tanh(alpha x) is not scale-invariant: at init
-    its output RMS is gamma * rms(tanh(alpha0 x0)), with x0 the scaled embedding (RMS
+    Why a GPT's DyT gamma is set from this (this project's finding; the measurements are in
+    docs/small_gpt.md). DyT(x) = gamma tanh(alpha x) is not scale-invariant: at init its output RMS is gamma * rms(tanh(alpha0 x0)), with x0 the scaled embedding (RMS
     init_std * sqrt(dim): 0.23 at width 128). With the papers' gamma 1 that is ~0.2, five times
     below RMSNorm's 1, and the ceiling +-1 is lower than the outputs the loss asks for; a
     short run reaches them the cheapest way, by growing one token-independent residual vector
@@ -242,9 +241,8 @@ def dyt_out_rms_at_gamma1(norm, alpha0, input_rms):
     steps blow the residual up (width 384 with gamma sqrt(dim): init output RMS 6.8, stuck).
     So gamma0 is chosen to give every DyT-like layer the same output RMS at init,
     DYT_OUT_RMS0 = 2.5, at any width and alpha0: gamma0 = 2.5 / dyt_out_rms_at_gamma1(...).
-    The sweep of README "DyT and Derf on the small GPT" found 2-3 equally good at widths 64-384
-    (150-step pilots) and 1 clearly worse; RMSNorm too gains from a gain init of 2.5 here,
-    which that table shows beside the defaults.
+    Output RMS 2-3 trained equally well in 150-step pilots at widths 64-384, 1 clearly worse;
+    RMSNorm too gains from a gain init of 2.5 here (the control in docs/small_gpt.md).
     """
     nodes, weights = np.polynomial.hermite_e.hermegauss(64)  # for the weight exp(-x^2 / 2)
     weights = weights / weights.sum()

@@ -342,10 +342,8 @@ def setup_float_math(device, flush_subnormals=True):
     operand or result in microcode, 10-100x slower than a normal one, and a training run
     makes many: a peaked attention softmax gives
     probabilities exp(s - max) that underflow into that range, and their gradients follow
-    them through every matmul of the backward pass. Measured at nanoGPT's shape with DyT
-    (README "Speed against nanoGPT"): the step grows from ~1.5 to 3.3 s by step 20 without
-    the flush (--no-flush_subnormals) and stays at ~1.6 s with it. Values that small are ~0
-    to any loss here. The flag is per thread; torch sets it on its intra-op worker threads
+    them through every matmul of the backward pass (at nanoGPT's shape with DyT the step
+    doubled within 20 steps: docs/speed.md). Values that small are ~0 to any loss here. The flag is per thread; torch sets it on its intra-op worker threads
     too (tests/test_common.py).
     """
     if device.type == "cuda":
