@@ -428,6 +428,20 @@ def auto_micro_batch(global_batch, world_size, cap=16, unit="sequences", flag="t
     return max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
 
 
+def grad_sync(model, last):
+    """The context of one micro-step's backward: DDP's no_sync() but on the last micro-step,
+    so that gradients are all-reduced once per step (a no-op without DDP)."""
+    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+
+def optimizer_step(model, optimizer, grad_clip):
+    """Clip the gradients (0: measure only), step, zero them; the norm before clipping."""
+    grad_norm = clip_grad_norm(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def clip_grad_norm(model, max_norm):
     """Clip the total gradient norm (DDP/FSDP2-aware; DTensor norms are reduced across ranks).
     max_norm <= 0 only measures it. Returns the norm before clipping as a float."""

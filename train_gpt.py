@@ -15,7 +15,6 @@ The model's flags are model.GPTConfig's fields; what the trainers share is in tr
 a run's safety in run.py, its checkpoints in checkpoint.py.
 """
 
-import contextlib
 import math
 import os
 import sys
@@ -295,17 +294,14 @@ def train(argv=None):
                 last = j == accum - 1
                 if cfg.fsdp:
                     model.set_requires_gradient_sync(last)
-                no_sync = stepped.no_sync() if hasattr(stepped, "no_sync") and not last else contextlib.nullcontext()
-                with no_sync:
+                with tc.grad_sync(stepped, last):
                     with autocast:
                         _, loss = stepped(x, y, reduction="sum")
                     # DDP/FSDP average gradients over ranks; times world / global tokens gives
                     # d(sum of all ranks' losses / global tokens).
                     (loss * (dist.world_size / tokens)).backward()
                 loss_sum += loss.detach().double()
-            grad_norm = tc.clip_grad_norm(stepped, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = tc.optimizer_step(stepped, optimizer, cfg.grad_clip)
             train_loss = tc.all_reduce_sum(loss_sum).item() / tokens
             tokens_per_s = tokens / run.step_seconds()
             done = step + 1

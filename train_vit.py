@@ -16,7 +16,6 @@ order are in data_vision.py, augmentation in augment.py, the machinery shared wi
 train_gpt.py (CLI, distributed, schedule, checkpoints, logging) in train_common.py.
 """
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -317,15 +316,12 @@ def train(argv=None):
                     x = random_erasing(x, rng, cfg.reprob)
                 targets = smooth_one_hot(y, classes, cfg.label_smoothing)
                 x, targets = mixup_cutmix(x, targets, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob)
-                no_sync = stepped.no_sync() if hasattr(stepped, "no_sync") and j < accum - 1 else contextlib.nullcontext()
-                with no_sync:  # DDP all-reduces the gradients on the last micro-step only
+                with tc.grad_sync(stepped, j == accum - 1):
                     with autocast:
                         loss = soft_cross_entropy(stepped(x), targets) / accum
                     loss.backward()
                 loss_sum += loss.detach()
-            grad_norm = tc.clip_grad_norm(stepped, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = tc.optimizer_step(stepped, optimizer, cfg.grad_clip)
             if ema is not None:
                 ema.update(model)
             # the step's loss: the mean over the global batch (each rank's mean, averaged)
