@@ -77,13 +77,17 @@ class Checkpointer:
 
 
 def load_into(model, weights, path):
-    """model.load_state_dict(weights), a mismatch being one line instead of a page of keys."""
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not fit this model ({_first_sentence(str(e), 160)}); "
-                        "it was written by other code or other flags: start a new run with "
-                        "another --out_dir") from None
+    """model.load_state_dict(weights), a mismatch being one line naming what differs instead of
+    a page of keys."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    shapes = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for label, keys in
+                         (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if keys)
+        raise UserError(f"checkpoint {path} does not fit this model ({what}); it was written by "
+                        "other code or other flags: start a new run with another --out_dir")
+    model.load_state_dict(weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,3 +151,15 @@ def test_run_logger_jsonl_and_csv(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,val_loss" and len(rows) == 3
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_naming_what_differs():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    weights = dict(model.state_dict())
+    ck.load_into(model, weights, "ok.pt")  # fits
+    extra = {**weights, "emb_scale": torch.ones(1)}
+    with pytest.raises(tc.UserError, match=r"does not fit this model \(unexpected emb_scale\)"):
+        ck.load_into(model, extra, "x.pt")
+    bad = {k: (v[:2] if k == "0.weight" else v) for k, v in weights.items() if k != "1.bias"}
+    with pytest.raises(tc.UserError, match=r"\(missing 1.bias; other shapes 0.weight\)"):
+        ck.load_into(model, bad, "y.pt")
