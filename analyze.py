@@ -601,7 +601,7 @@ def cmd_ablations(args):
         result = train_one(train_vit, ["--norm", ABLATIONS[n]] + budget_flags(args),
                            os.path.join(args.out_dir, n), args.reuse)
         rows.append({"variant": n, "norm_flag": ABLATIONS[n], **result})
-    write_table(rows, args.results, "ablations",
+    write_table(rows, args.results, f"ablations{args.tag}",
                 f"ViT ablations, train_vit.py {' '.join(budget_flags(args))}: test accuracy "
                 "(diverged runs marked)")
     plt = pyplot()
@@ -619,7 +619,7 @@ def cmd_ablations(args):
         ax.invert_yaxis()
         ax.set_xlabel("test top-1")
         ax.set_title("ViT squashing / alpha ablations", fontsize=10)
-        save_figure(fig, args.results, "ablations")
+        save_figure(fig, args.results, f"ablations{args.tag}")
     return rows
 
 
@@ -642,7 +642,7 @@ def cmd_alpha0(args):
             result = train_one(train_vit, ["--norm", "dyt", "--alpha0", str(a)] + budget_flags(args),
                                os.path.join(args.out_dir, f"vit_alpha0_{a:g}"), args.reuse)
             rows.append({"alpha0": a, **result})
-        write_table(rows, args.results, "alpha0_vit",
+        write_table(rows, args.results, f"alpha0_vit{args.tag}",
                     f"ViT alpha0 sweep, train_vit.py --norm dyt {' '.join(budget_flags(args))}")
         plt = pyplot()
         if plt is not None:
@@ -655,7 +655,7 @@ def cmd_alpha0(args):
             ax.set_xlabel("alpha0")
             ax.set_ylabel("test top-1")
             ax.set_title("ViT: accuracy vs DyT alpha0", fontsize=10)
-            save_figure(fig, args.results, "alpha0_vit")
+            save_figure(fig, args.results, f"alpha0_vit{args.tag}")
         return rows
     import train_gpt
     attn, other = floats(args.alpha0_attn, "--alpha0_attn"), floats(args.alpha0_other, "--alpha0_other")
@@ -674,7 +674,7 @@ def cmd_alpha0(args):
             rows.append({"alpha0_attn": a, "alpha0_other": o, **result})
             if result["status"] == "ok" and "val_loss" in result:
                 grid[i, j] = result["val_loss"]
-    write_table(rows, args.results, "alpha0_gpt",
+    write_table(rows, args.results, f"alpha0_gpt{args.tag}",
                 f"GPT alpha0 sweep (attention x other), train_gpt.py --norm dyt {' '.join(budget_flags(args))}")
     plt = pyplot()
     if plt is not None:
@@ -691,7 +691,7 @@ def cmd_alpha0(args):
         ax.set_ylabel("alpha0 attention")
         fig.colorbar(im, ax=ax, label="val loss")
         ax.set_title("GPT val loss vs DyT alpha0", fontsize=10)
-        save_figure(fig, args.results, "alpha0_gpt")
+        save_figure(fig, args.results, f"alpha0_gpt{args.tag}")
     return rows
 
 

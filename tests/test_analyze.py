@@ -253,3 +253,15 @@ def test_bad_input_is_one_line(runs, tmp_path):
                       "--layers", "blocks.9.norm1", "--results", str(tmp_path)])
     with pytest.raises(tc.UserError, match="alpha/"):
         analyze.main(["alpha_std", "--run", str(runs / "vit_ln"), "--results", str(tmp_path)])
+
+
+def test_training_sweeps_write_under_their_tag(tmp_path, monkeypatch):
+    # --tag names the files: a tagged sweep into results/analysis must not replace the untagged one
+    monkeypatch.setattr(analyze, "train_one", lambda trainer, argv, out_dir, reuse=False:
+                        {"status": "ok", "steps": 1, "test_top1": 0.5, "val_loss": 1.0})
+    analyze.main(["ablations", "--norms", "ln,tanh", "--tag", "_mine", "--results", str(tmp_path)])
+    analyze.main(["alpha0", "--alpha0", "0.5", "--tag", "_mine", "--results", str(tmp_path)])
+    analyze.main(["alpha0", "--model", "gpt", "--alpha0_attn", "1", "--alpha0_other", "1", "--tag", "_mine",
+                  "--results", str(tmp_path)])
+    names = {p.name.split(".")[0] for p in tmp_path.iterdir()}
+    assert names == {"ablations_mine", "alpha0_vit_mine", "alpha0_gpt_mine"}, names
