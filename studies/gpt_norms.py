@@ -67,18 +67,25 @@ tc.main_guard(main)
 
 
 def norm_spec(text):
-    """A norm and its init: 'dyt' -> ('dyt', []) (the default); 'dyt@2' -> ('dyt',
-    ['--norm_out_rms', '2']) (output RMS 2 at init: DyT's gamma set for it, or a norm's
-    weight); 'dyt@g1' -> ('dyt', ['--dyt_gamma0', '1']) (gamma 1, the papers')."""
-    name, _, init = text.partition("@")
+    """A norm and its init, NAME[@INIT...]: 'dyt' -> ('dyt', []) (the default); '@R' sets the
+    output RMS at init to R (--norm_out_rms: DyT's gamma set for it, a norm's weight); '@gG'
+    gamma0 G (--dyt_gamma0; @g1 is the papers'); '@aA' alpha0 A for every DyT-like layer
+    (--alpha0_attn and --alpha0_other). 'dyt@a2@1' combines them."""
+    name, *inits = text.split("@")
     if name not in NORMS:
         raise AnalysisError(f"unknown norm {name!r} in {text!r}; choose from {', '.join(NORMS)}")
-    if not init:
-        return name, []
-    flag = "--dyt_gamma0" if init.startswith("g") else "--norm_out_rms"
-    value = init[1:] if init.startswith("g") else init
-    floats(value, f"the init of {text!r} (NAME@R: output RMS R at init; NAME@gG: gamma0 G)")
-    return name, [flag, value]
+    flags = []
+    for init in inits:
+        value = init[1:] if init[:1] in ("g", "a") else init
+        floats(value, f"the init of {text!r} (NAME@R: output RMS R at init; NAME@gG: gamma0 G; "
+                      "NAME@aA: alpha0 A)")
+        if init.startswith("g"):
+            flags += ["--dyt_gamma0", value]
+        elif init.startswith("a"):
+            flags += ["--alpha0_attn", value, "--alpha0_other", value]
+        else:
+            flags += ["--norm_out_rms", value]
+    return name, flags
 
 
 def width_flags(width):
@@ -614,7 +621,7 @@ def build_parser():
 
     def common(p, out_dir, runs=True):
         p.add_argument("--norms", default="rms,dyt,derf", help="norm names; NAME@R: output RMS R at "
-                       "init (--norm_out_rms), NAME@gG: --dyt_gamma0 G")
+                       "init (--norm_out_rms), NAME@gG: --dyt_gamma0 G, NAME@aA: alpha0 A")
         p.add_argument("--train_args", default="", help="more train_gpt.py flags, quoted")
         p.add_argument("--device", default="cpu")
         p.add_argument("--out_dir", default=os.path.join("out_analysis", out_dir), help="run directories")

@@ -17,7 +17,7 @@ from run import RunLogger  # noqa: E402
 import train_common as tc  # noqa: E402
 import train_gpt  # noqa: E402
 import train_vit  # noqa: E402
-from test_data_vision import synthetic_images, write_idx  # noqa: E402
+from test_data_vision import write_fashion_mnist  # noqa: E402
 
 torch.set_num_threads(2)
 HAVE_MPL = analyze.pyplot() is not None
@@ -35,10 +35,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
     idx = root / "idx"
     idx.mkdir()
-    for split, n in (("train", 320), ("t10k", 200)):
-        images, labels = synthetic_images(n, seed=len(split))
-        write_idx(str(idx / f"{split}-images-idx3-ubyte.gz"), images, 0x803)
-        write_idx(str(idx / f"{split}-labels-idx1-ubyte.gz"), labels, 0x801)
+    write_fashion_mnist(idx, 320, 200)
     for norm in ("ln", "dyt"):
         train_vit.main(VIT_TINY + ["--norm", norm, "--max_steps", "12", "--dyt_std_interval", "4",
                                    "--data_dir", str(idx), "--out_dir", str(root / f"vit_{norm}")])

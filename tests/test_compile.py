@@ -71,13 +71,10 @@ def test_gpt_compiles_under_inductor_with_the_kernel_in_the_graph(tmp_path):
 
 @needs_compiler
 def test_vit_compiles_under_inductor_with_the_kernel_in_the_graph(tmp_path):
-    from test_train_vit import synthetic_images, write_idx
+    from test_data_vision import write_fashion_mnist
     idx = tmp_path / "idx"
     idx.mkdir()
-    for split, n in (("train", 64), ("t10k", 32)):
-        images, labels = synthetic_images(n, seed=len(split))
-        write_idx(str(idx / f"{split}-images-idx3-ubyte.gz"), images, 0x803)
-        write_idx(str(idx / f"{split}-labels-idx1-ubyte.gz"), labels, 0x801)
+    write_fashion_mnist(idx, 64, 32)
     p, report = run_compiled("train_vit.py", [
         "--norm", "derf", "--dim", "32", "--depth", "2", "--heads", "2", "--batch_size", "16",
         "--eval_batch", "32", "--max_steps", "3", "--warmup_steps", "1", "--log_interval", "1",

@@ -236,12 +236,9 @@ def test_concurrent_start_is_refused_and_sigterm_saves(tmp_path):
 @pytest.fixture(scope="module")
 def idx(tmp_path_factory):
     """A small Fashion-MNIST-format data set (synthetic images, IDX files)."""
-    from test_train_vit import synthetic_images, write_idx
+    from test_data_vision import write_fashion_mnist
     d = tmp_path_factory.mktemp("idx")
-    for split, n in (("train", 320), ("t10k", 50)):
-        images, labels = synthetic_images(n, seed=len(split))
-        write_idx(str(d / f"{split}-images-idx3-ubyte.gz"), images, 0x803)
-        write_idx(str(d / f"{split}-labels-idx1-ubyte.gz"), labels, 0x801)
+    write_fashion_mnist(d, 320, 50)
     return d
 
 

@@ -256,3 +256,14 @@ def test_norms_preset_runs_the_preset_shape(tmp_path, monkeypatch):
         gpt_norms.main(["norms", "--preset", "micro", "--widths", "128", "--results", str(tmp_path)])
     with pytest.raises(tc.UserError, match="choose one of"):
         gpt_norms.main(["norms", "--preset", "mikro", "--results", str(tmp_path)])
+
+
+def test_norm_specs_name_their_init():
+    assert gpt_norms.norm_spec("dyt") == ("dyt", [])
+    assert gpt_norms.norm_spec("rms@2.5") == ("rms", ["--norm_out_rms", "2.5"])
+    assert gpt_norms.norm_spec("dyt@g1") == ("dyt", ["--dyt_gamma0", "1"])
+    assert gpt_norms.norm_spec("dyt@a2@1") == ("dyt", ["--alpha0_attn", "2", "--alpha0_other", "2",
+                                                       "--norm_out_rms", "1"])
+    for bad in ("dyt@x", "dyt@a", "dyx@1"):
+        with pytest.raises(tc.UserError):
+            gpt_norms.norm_spec(bad)
