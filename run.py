@@ -74,9 +74,10 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.close()
-        if isinstance(error, torch.OutOfMemoryError):
-            raise UserError(self.out_of_memory()) from None
+        message = self.out_of_memory() if isinstance(error, torch.OutOfMemoryError) else None
+        self.close()  # (the message first: it reads the device this closes)
+        if message:
+            raise UserError(message) from None
         return False
 
     def close(self):

@@ -163,3 +163,21 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_naming_what_differs():
     bad = {k: (v[:2] if k == "0.weight" else v) for k, v in weights.items() if k != "1.bias"}
     with pytest.raises(tc.UserError, match=r"\(missing 1.bias; other shapes 0.weight\)"):
         ck.load_into(model, bad, "y.pt")
+
+
+def test_out_of_memory_message_reads_the_gpu_before_the_run_closes(tmp_path, monkeypatch):
+    # the message names the memory allocated against the device's total; the run's close
+    # (which drops its device) comes after it. CUDA's two readings are faked on the CPU.
+    import types
+    import run as run_lib
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 70 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=139 * 2 ** 30))
+    r = run_lib.Run(tc.TrainConfig(out_dir=str(tmp_path)))
+    r.cfg.micro_batch = 2
+    r.dist = types.SimpleNamespace(device=torch.device("cuda:0"), initialized_here=False)
+    r.step = 7
+    with pytest.raises(tc.UserError) as e:
+        r.__exit__(torch.OutOfMemoryError, torch.OutOfMemoryError("CUDA out of memory"), None)
+    assert str(e.value).startswith("out of memory at step 7 with --micro_batch 2 (70.0 of 139.0 GiB "
+                                   "allocated on cuda:0); lower --micro_batch"), e.value
+    assert r.dist is None  # closed all the same
