@@ -12,8 +12,8 @@ The schedule is given in epochs; a run shorter than twice its warmup has the war
 to half the run (and says so), so that the learning rate always reaches its peak. The global
 batch is given in images; each rank runs batch / (world * micro_batch) micro-steps and the
 loss is averaged over them, so any world size trains the same model. The images and their
-order are in data_vision.py, augmentation in augment.py, the machinery shared with
-train_gpt.py (CLI, distributed, schedule, checkpoints, logging) in train_common.py.
+order are in data_vision.py, augmentation in augment.py; what the trainers share is in
+train_common.py, a run's safety in run.py, its checkpoints in checkpoint.py.
 """
 
 import copy
