@@ -559,15 +559,21 @@ def bench_kernels(args, device, record=lambda row: None):
                     row["copy_gbps_layer_size"] = layer_copy
                 except Unavailable as e:
                     row["skipped"] = str(e)
+                except Exception as e:  # a compile, launch or memory error: the row says so, the rest run
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    if cuda:
+                        with contextlib.suppress(Exception):
+                            torch.cuda.synchronize()
+                            torch.cuda.empty_cache()
                 group.append(row)
             # speedups against PyTorch's own norms at the same shape, dtype and direction
             key = "graph_ms" if all("graph_ms" in r for r in group if r["op"] in ("RMSNorm", "LayerNorm")) \
                 and cuda else "ms"
             base = {r["op"]: r.get(key) for r in group}
-            for r in group:
-                if key in r:
-                    r["vs_rms"] = base["RMSNorm"] / r[key] if base.get("RMSNorm") else None
-                    r["vs_ln"] = base["LayerNorm"] / r[key] if base.get("LayerNorm") else None
+            for r in group:  # a row without that timer's figure (its graph failed, say) gets no ratio
+                r["vs_rms"] = base["RMSNorm"] / r[key] if key in r and base.get("RMSNorm") else None
+                r["vs_ln"] = base["LayerNorm"] / r[key] if key in r and base.get("LayerNorm") else None
+                r["vs_timer"] = key
                 print(format_kernel_row(r), flush=True)
                 record(r)
             rows += group
@@ -734,14 +740,15 @@ KERNEL_HEADER = ("| set | shape | dtype | pass | op | x L2 | median ms | p20-p80
 def format_kernel_row(r):
     l2 = f"{r['bytes_vs_l2']:.1f}" if "bytes_vs_l2" in r else "-"
     if "ms" not in r:
+        why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r.get('error', '')}"
         return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | {l2} | "
-                f"skipped: {r['skipped']} | | | | | | | | |")
+                f"{why} | | | | | | | | |")
     ratio = lambda v: f"{v:.2f}x" if v else "-"
     graph = f"{r['graph_ms']:.4f}" if "graph_ms" in r else ("failed" if "graph_error" in r else "-")
     graph_pct = f"{r['graph_pct_copy']:.1f}%" if "graph_pct_copy" in r else "-"
     return (f"| {r['set']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['op']} | {l2} | "
             f"{r['ms']:.4f} | {r['ms_p20']:.4f}-{r['ms_p80']:.4f} | {graph} | {r['gbps']:.1f} | {r['pct_copy']:.1f}% | "
-            f"{graph_pct} | {ratio(r['vs_rms'])} | {ratio(r['vs_ln'])} | {r['rel_err']:.1e} |")
+            f"{graph_pct} | {ratio(r.get('vs_rms'))} | {ratio(r.get('vs_ln'))} | {r['rel_err']:.1e} |")
 
 
 # ---------------------------------------------------------------------------------------------

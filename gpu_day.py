@@ -7,10 +7,11 @@ The GPU day: this project's GPU claims measured in one device call, whatever fai
 
 On the lent machine (the device tool), with the files coming back from $OUT:
 
-    run(command="PYTHONUNBUFFERED=1 python3 gpu_day.py", timeout_s=540)
-    run(command="PYTHONUNBUFFERED=1 python3 gpu_day.py --second --budget B", timeout_s=B + 60)
+    run(command="GPU_DAY_COMMIT=C PYTHONUNBUFFERED=1 python3 gpu_day.py", timeout_s=540)
+    run(command="GPU_DAY_COMMIT=C PYTHONUNBUFFERED=1 python3 gpu_day.py --second --budget B", timeout_s=B + 60)
 
-with B the seconds the device's status leaves (budget_left_s) less a minute: call it at once,
+with C the commit (`git rev-parse --short HEAD` here: the device's copy of the tree has no
+.git) and B the seconds the device's status leaves (budget_left_s) less a minute: call it at once,
 while the machine is still warm (30 s), or a fresh start costs another minute or two.
 
 The parts run one after another, each under its own timeout (a part that hangs or crashes is
@@ -32,6 +33,7 @@ The work itself goes to --work (default /tmp/gpu_day_work), never into the tree'
 """
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -72,7 +74,7 @@ def plan(second):
     if DRY:  # the same parts at CPU sizes: the plumbing, not the numbers
         first = [
             ("env", 10, [py, "-c", ENV_SCRIPT]),
-            ("kernel_tests", 40, [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            ("kernel_tests", 40, [py, "-m", "pytest", "-v", "-p", "no:cacheprovider",
                                   "tests/test_kernel.py", "-k", "fp32_against_float64 and bias-alpha1"]),
             ("bench_kernel", 60, [py, "bench.py", "--device", "cpu", "--only", "gpt", "--dtypes", "fp32",
                                   "--ops", "DyT plain,LayerNorm,RMSNorm", "--no-host-cost", "--out", "{work}"]),
@@ -100,22 +102,23 @@ def plan(second):
         ("env", 15, [py, "-c", ENV_SCRIPT]),
         # 12 core cases: y and every gradient vs float64; their compiles dominate
         ("kernel_tests", PYTHON_START_S + 10 + compiles(tk.GPU_CORE) * TRITON_COMPILE_S,
-         [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_kernel.py", "-k", "gpu_core"]),
-        # headline rows: 2 shapes x 2 passes x 5 ops in bf16; DyT compile is 4 inductor graphs,
-        # each row's float64 check and timing ~2 s
-        ("bench_kernel", PYTHON_START_S + compiles(fused) * TRITON_COMPILE_S + 4 * INDUCTOR_GRAPH_S + 20 * 2,
+         [py, "-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", "tests/test_kernel.py", "-k", "gpu_core"]),
+        # headline rows: 2 shapes x 2 passes x 5 ops in bf16; DyT compile is 6 inductor graphs
+        # (2 shapes x inference, forward, backward), each row's float64 check and timing ~2 s
+        ("bench_kernel", PYTHON_START_S + compiles(fused) * TRITON_COMPILE_S + 6 * INDUCTOR_GRAPH_S + 20 * 2,
          [py, "bench.py", "--only", "llama7b", "--dtypes", "bf16", "--no-host-cost", "--out", "{work}",
           "--ops", "DyT fused (Triton),Derf fused (Triton),DyT compile,LayerNorm,RMSNorm"]),
-        # bf16, --compile, FSDP2 at world size 1: 4 graphs (counted on a CPU), 20 steps
-        ("train_gpt", PYTHON_START_S + 4 * INDUCTOR_GRAPH_S + 15,
+        # bf16, --compile, FSDP2 at world size 1: the default corpus built (~10 s: data/ does not
+        # travel), 4 graphs (counted on a CPU), 20 steps, sampling's recompiles as it grows
+        ("train_gpt", PYTHON_START_S + 10 + 6 * INDUCTOR_GRAPH_S + 15,
          [py, "train_gpt.py", "--norm", "dyt", "--dtype", "bf16", "--compile", "--fsdp", "--max_steps", "20",
           "--eval_interval", "0", "--eval_tokens", "16384", "--log_interval", "5", "--sample_tokens", "50",
           "--out_dir", "{work}/gpt"]),
         ("train_vit", PYTHON_START_S + 3 * INDUCTOR_GRAPH_S + 10,
          [py, "train_vit.py", "--norm", "dyt", "--dtype", "bf16", "--compile", "--max_steps", "20",
           "--log_interval", "5", "--data_dir", "{work}/fmnist", "--out_dir", "{work}/vit"]),
-        # ViT-B and gpt2_small, 3 norms each: build, 2 steps, no compiles
-        ("bench_memory", PYTHON_START_S + 6 * 5, [py, "bench.py", "--memory", "--out", "{work}"]),
+        # ViT-B and gpt2_small, 3 norms each: build, 2 steps; the fused rows' Triton variants
+        ("bench_memory", PYTHON_START_S + 6 * 5 + 12 * TRITON_COMPILE_S, [py, "bench.py", "--memory", "--out", "{work}"]),
     ]
     second_parts = [
         # Table 7: 4 models x 50 passes (the paper's 100 do not fit) of forward,
@@ -128,7 +131,7 @@ def plan(second):
           "--device", "cuda", "--jobs", "4", "--threads", "4", "--tag", "_micro", "--results", "{work}/analysis",
           "--out_dir", "{work}/micro"]),
         ("kernel_tests_more", PYTHON_START_S + 30 + compiles(tk.GPU_MORE, ("auto", "portable")) * TRITON_COMPILE_S,
-         [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_kernel.py", "-k", "gpu and not core or sm90"]),
+         [py, "-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", "tests/test_kernel.py", "-k", "gpu and not core or sm90"]),
         ("bench_kernel_all", PYTHON_START_S + 200, [py, "bench.py", "--bwd-stages", "1,3", "--out", "{work}"]),
     ]
     return second_parts if second else first
@@ -185,9 +188,10 @@ for stem, n in (("train", 2048), ("t10k", 512)):
 # Running the parts
 
 
-def run_part(name, cmd, timeout, work, started=lambda pid: None):
+def run_part(name, cmd, timeout, work, running=lambda pid: None, every=30):
     """(status, seconds): the part's command under its timeout, its whole process group
-    killed at the end of it (SIGTERM, then SIGKILL 10 s later); its output in work/NAME.log."""
+    killed at the end of it (SIGTERM, then SIGKILL 10 s later); its output in work/NAME.log.
+    running(pid) is called when it starts and every `every` s while it runs."""
     hang = os.environ.get("GPU_DAY_DRY_HANG", "")  # dry-run test: this part sleeps past its timeout
     if DRY and hang.split(":")[0] == name:
         cmd, timeout = [sys.executable, "-c", "import time; time.sleep(600)"], float(hang.split(":")[1])
@@ -200,16 +204,24 @@ def run_part(name, cmd, timeout, work, started=lambda pid: None):
         log.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        started(proc.pid)
-        try:
-            rc = proc.wait(timeout=max(timeout, 1))
+        rc, deadline = None, t0 + max(timeout, 1)
+        while rc is None and time.time() < deadline:
+            running(proc.pid)
+            try:
+                rc = proc.wait(timeout=max(min(every, deadline - time.time()), 0.01))
+            except subprocess.TimeoutExpired:
+                pass
+        rc = proc.poll() if rc is None else rc
+        if rc is not None:
             status = "ok" if rc == 0 else f"failed (exit {rc})"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             status = f"timed out after {timeout:.0f} s"
     return status, time.time() - t0
@@ -261,12 +273,15 @@ BENCH_FILES = {  # part -> (its bench.py rows, names of other parts' files that 
 
 def short_row(r):
     if "op" in r:  # kernel level
+        what = f"{r['shape']} {r['dtype']} {r['direction']} {r['op']}"
         if "ms" not in r:
-            return f"{r['shape']} {r['dtype']} {r['direction']} {r['op']}: skipped ({r.get('skipped', '')[:80]})"
+            why = f"skipped ({r['skipped'][:80]})" if "skipped" in r else f"FAILED ({r.get('error', '')[:160]})"
+            return f"{what}: {why}"
         graph = f", graph {r['graph_ms']:.4f} ms ({r['graph_pct_copy']:.0f}% copy)" if "graph_ms" in r else ""
-        return (f"{r['shape']} {r['dtype']} {r['direction']} {r['op']}: {r['ms']:.4f} ms, {r['gbps']:.0f} GB/s, "
-                f"{r['pct_copy']:.0f}% copy{graph}, {r.get('bytes_vs_l2', 0):.1f}x L2, "
-                f"vs RMSNorm {r['vs_rms'] or 0:.2f}x")
+        vs = (f"{r['vs_rms']:.2f}x" + (" (graph times)" if r.get("vs_timer") == "graph_ms" else "")
+              if r.get("vs_rms") else "-")
+        return (f"{what}: {r['ms']:.4f} ms, {r['gbps']:.0f} GB/s, {r['pct_copy']:.0f}% copy{graph}, "
+                f"{r.get('bytes_vs_l2', 0):.1f}x L2, vs RMSNorm {vs}")
     if "forward_backward_s" in r:  # Table 7
         sub = (f"; norms fwd+bwd (subtract) {r['norm_forward_backward_s_subtract']:.3f} +- "
                f"{r['norm_forward_backward_s_subtract_ci']:.3f} s" if "norm_forward_backward_s_subtract" in r else "")
@@ -338,11 +353,16 @@ def main(argv=None):
     os.makedirs(args.work)
     os.makedirs(args.out, exist_ok=True)
     subprocess.run([sys.executable, "-c", FMNIST_SCRIPT, os.path.join(args.work, "fmnist")], check=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "?"
+    commit = os.environ.get("GPU_DAY_COMMIT", "")  # the device's copy of the tree may have no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):  # no git on the machine
+            pass
     state = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  command="python3 gpu_day.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 commit=commit, budget=args.budget, t0=time.time(), dry=DRY,
+                 commit=commit or "?", budget=args.budget, t0=time.time(), dry=DRY,
                  parts=[dict(name=n, estimate=est, status="waiting") for n, est, _ in parts])
     print(f"GPU day plan: {', '.join(f'{n} ~{est:.0f} s' for n, est, _ in parts)} "
           f"(total ~{total:.0f} s, budget {args.budget:.0f} s)", flush=True)
@@ -356,12 +376,15 @@ def main(argv=None):
         timeout = min(left, max(1.5 * est, est + 30))
         record.update(timeout=timeout, status="running")
 
-        def started(pid):  # in the summary while it runs: a kill now leaves it marked so
+        def running(pid):  # the outputs while it runs: a kill now keeps its log so far, marked so
             record["pid"] = pid
             write_outputs(args.out, args.work, state)
         record["status"], record["seconds"] = run_part(name, [c.replace("{work}", args.work) for c in cmd],
-                                                       timeout, args.work, started)
-        record["headline"] = headline(name, args.work)
+                                                       timeout, args.work, running)
+        try:
+            record["headline"] = headline(name, args.work)
+        except Exception as e:  # a truncated result file, say: the part's log is in the .tgz
+            record["headline"] = [f"(no headline: {type(e).__name__}: {str(e)[:200]})"]
         record["tail"] = tail(os.path.join(args.work, f"{name}.log")) if record["status"] != "ok" else ""
         write_outputs(args.out, args.work, state)
         print(f"{name}: {record['status']} in {record['seconds']:.0f} s (estimate {est:.0f} s)", flush=True)

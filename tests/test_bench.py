@@ -189,3 +189,26 @@ def test_model_mode_reports_its_spread(tmp_path):
     assert dyt["forward_se_s"] >= 0 and dyt["norm_forward_s_subtract_ci"] >= 0
     assert isinstance(dyt["norm_forward_backward_s_subtract_within_noise"], bool)
     assert "+-" in (tmp_path / "bench_model_nano_cpu.md").read_text()
+
+
+def test_a_row_that_raises_is_recorded_and_the_rest_run(tmp_path):
+    # on a GPU a compile, launch or memory error in one row must not cost the others
+    patch = ("import bench\n"
+             "_ops = bench.kernel_ops\n"
+             "def broken(*a, **k):\n"
+             "    raise RuntimeError('injected launch failure')\n"
+             "def kernel_ops(*a, **k):\n"
+             "    ops, notes = _ops(*a, **k)\n"
+             "    return [(n, kind, broken if n == 'LayerNorm' else b) for n, kind, b in ops], notes\n"
+             "bench.kernel_ops = kernel_ops\n"
+             "import sys; sys.argv = ['bench.py'] + sys.argv[1:]; bench.main()\n")
+    proc = subprocess.run([sys.executable, "-c", patch, "--out", str(tmp_path), "--device", "cpu",
+                           "--only", "gpt", "--ops", "LayerNorm,RMSNorm", "--no-host-cost"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_cpu_gpt_ops.json").read_text())["rows"]
+    failed = [r for r in rows if r["op"] == "LayerNorm"]
+    assert failed and all(r["error"] == "RuntimeError: injected launch failure" and "ms" not in r
+                          and r["vs_rms"] is None for r in failed)
+    assert all(r["ms"] > 0 and r["vs_rms"] == 1 for r in rows if r["op"] == "RMSNorm")
+    assert "failed: RuntimeError: injected launch failure" in (tmp_path / "bench_cpu_gpt_ops.md").read_text()

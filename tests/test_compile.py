@@ -55,18 +55,22 @@ def run_compiled(file, argv):
 
 
 @needs_compiler
-def test_gpt_compiles_under_inductor_with_the_kernel_in_the_graph(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["plain", "fsdp"])
+def test_gpt_compiles_under_inductor_with_the_kernel_in_the_graph(tmp_path, fsdp):
+    # with --fsdp: the GPU day's configuration (FSDP2 in bf16, compiled, then sampling)
     p, report = run_compiled("train_gpt.py", [
         "--norm", "dyt", "--dim", "32", "--n_layer", "2", "--n_head", "2", "--n_kv_head", "2",
         "--seq_len", "32", "--global_batch_tokens", "256", "--micro_batch", "8", "--max_steps", "3",
         "--warmup_steps", "1", "--eval_interval", "0", "--eval_tokens", "256", "--log_interval", "1",
-        "--sample_tokens", "0", "--dtype", "bf16", "--compile", "--device", "cpu",
-        "--out_dir", str(tmp_path)])
+        "--sample_tokens", "20" if fsdp else "0", "--dtype", "bf16", "--compile", "--device", "cpu",
+        "--out_dir", str(tmp_path)] + (["--fsdp"] if fsdp else []))
     assert report["graphs"] >= 1 and report["graph_breaks"] == 0, report
     # 2 blocks x 2 DyT + the final one, forward in each step (and the probe, the evaluation)
     assert report["kernel_calls"]["fwd"] >= 3 * 5 and report["kernel_calls"]["bwd"] >= 3 * 5, report
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["loss"] == r["loss"] for r in rows) and "val_loss" in rows[-1]
+    if fsdp:
+        assert (tmp_path / "ckpt_dcp").is_dir() and "final val loss" in p.stdout
 
 
 @needs_compiler

@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def start(tmp_path, *args, hang=""):
-    env = {**os.environ, "GPU_DAY_DRY": "1", "GPU_DAY_DRY_HANG": hang, "OMP_NUM_THREADS": "1"}
+def start(tmp_path, *args, hang="", commit=""):
+    env = {**os.environ, "GPU_DAY_DRY": "1", "GPU_DAY_DRY_HANG": hang, "OMP_NUM_THREADS": "1",
+           "GPU_DAY_COMMIT": commit}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "gpu_day.py"), "--out", str(tmp_path / "out"),
                              "--work", str(tmp_path / "work"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -26,7 +27,7 @@ def state(tmp_path):
 
 
 def test_dry_run_writes_the_summary_and_survives_a_hanging_part(tmp_path):
-    p = start(tmp_path, hang="bench_kernel:3")
+    p = start(tmp_path, hang="bench_kernel:3", commit="abc1234")  # the device's tree has no .git
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["gpu_day.json", "gpu_day.md", "gpu_day.tgz"]
@@ -36,6 +37,7 @@ def test_dry_run_writes_the_summary_and_survives_a_hanging_part(tmp_path):
     assert all(parts[n]["status"] == "ok" for n in parts if n != "bench_kernel"), parts
     md = (tmp_path / "out" / "gpu_day.md").read_text()
     assert len(md) < 12000 and out.rstrip().endswith(md.rstrip()[-2000:])  # printed as written
+    assert "at commit abc1234;" in md
     assert "passed" in "\n".join(parts["kernel_tests"]["headline"])
     assert any(line.startswith("final val loss") for line in parts["train_gpt"]["headline"])
     with tarfile.open(tmp_path / "out" / "gpu_day.tgz") as tar:
@@ -78,3 +80,13 @@ def test_the_budget_is_checked_before_anything_runs(tmp_path):
         assert not (tmp_path / "out").exists()
     import gpu_day
     assert sum(est for _, est, _ in gpu_day.plan(False)) <= gpu_day.MAX_BUDGET
+
+
+def test_headline_rows_say_what_failed_and_which_timer_a_ratio_used():
+    import gpu_day
+    base = dict(shape="8x4096x4096", dtype="bf16", direction="fwd", op="DyT fused (Triton)")
+    failed = gpu_day.short_row({**base, "error": "OutOfResources: shared memory"})
+    assert failed.endswith("FAILED (OutOfResources: shared memory)")
+    timed = {**base, "ms": 0.5, "gbps": 3000.0, "pct_copy": 70.0, "bytes_vs_l2": 9.0}
+    assert gpu_day.short_row({**timed, "vs_rms": None}).endswith("vs RMSNorm -")  # no baseline: no 0.00x
+    assert gpu_day.short_row({**timed, "vs_rms": 1.5, "vs_timer": "graph_ms"}).endswith("1.50x (graph times)")

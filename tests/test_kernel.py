@@ -766,8 +766,13 @@ SECONDS_PER_COMPILE = 1.5  # an estimate for these kernels (Triton 3.x, one proc
 
 
 def gpu_compile_plan(cases, tanh_modes=("auto",)):
-    """The distinct kernels `cases` compile (forward, backward, reduce), by what Triton
-    specialises on: the constexprs, the launch configuration and the sizes' divisibility by 16."""
+    """The number of distinct kernels `cases` compile (forward, backward, reduce)."""
+    return len(_compile_keys(cases, tanh_modes))
+
+
+def _compile_keys(cases, tanh_modes):
+    """The kernels as Triton tells them apart: by the constexprs, the launch configuration and
+    the sizes' divisibility by 16."""
     keys = set()
     for fn, dtype, shape, per_channel in cases:
         C, M = shape[-1], math.prod(shape[:-1])
@@ -778,12 +783,18 @@ def gpu_compile_plan(cases, tanh_modes=("auto",)):
             plan = kernel._bwd_plan(M, C, 132)
             keys.add(("bwd",) + flags + (plan["block_m"], plan["block_c"], plan["num_warps"]) + div)
         keys.add(("reduce", per_channel, fn == "erf", C % 16 == 0, plan["red_block_g"]))
-    return len(keys)
+    return keys
 
 
 @pytest.fixture(scope="module")
-def announce_compiles():
-    n = gpu_compile_plan(GPU_CORE) + gpu_compile_plan(GPU_MORE, ("auto", "portable"))
+def announce_compiles(request):
+    """Before the first GPU test: the compiles of the GPU tests that -k selected."""
+    keys = set()
+    for item in request.session.items:
+        if "announce_compiles" in item.fixturenames and hasattr(item, "callspec"):
+            p = item.callspec.params
+            keys |= _compile_keys([(p["fn"], p["dtype"], p["shape"], p["per_channel"])], (p.get("tanh", "auto"),))
+    n = len(keys)
     print(f"\nGPU kernel tests: about {n} Triton compiles, ~{n * SECONDS_PER_COMPILE:.0f} s "
           f"at {SECONDS_PER_COMPILE} s each (an estimate), plus the runs", flush=True)
 
