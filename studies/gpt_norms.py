@@ -126,7 +126,7 @@ class Launcher:
     def __init__(self, jobs=1, threads=1, reuse=False):
         self.jobs, self.threads, self.reuse = jobs, threads, reuse
         self.slots = threading.Semaphore(jobs)
-        self.children, self.lock, self.stopping = set(), threading.Lock(), False
+        self.children, self.signaled, self.lock, self.stopping = set(), set(), threading.Lock(), False
 
     def run(self, argv, out_dir):
         marker = os.path.join(out_dir, "result.json")
@@ -152,8 +152,9 @@ class Launcher:
                 rc = child.wait()
                 with self.lock:
                     self.children.discard(child)
+                    self.signaled.discard(child)
         last = _last_error(os.path.join(out_dir, "train.log"))
-        if rc in (130, 143):
+        if rc in (130, 143) or (self.stopping and rc in (-signal.SIGINT, -signal.SIGTERM)):
             raise tc.Interrupted(f"{out_dir} stopped; it resumes from its checkpoint", rc)
         if rc not in (0, DIVERGED):
             raise AnalysisError(f"the run in {out_dir} failed (exit {rc}): {last or 'see its train.log'}")
@@ -164,11 +165,14 @@ class Launcher:
         return result
 
     def stop(self):
+        """One SIGTERM per child, however often stop() is called (a signal, then each cell's
+        Interrupted): a child's second signal would kill it at once, mid-save."""
         self.stopping = True
         with self.lock:
-            for child in self.children:
+            for child in self.children - self.signaled:
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
+                    self.signaled.add(child)
 
 
 def _last_error(log_path):

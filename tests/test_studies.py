@@ -94,6 +94,26 @@ def test_sigterm_stops_the_study_and_reuse_resumes_it_exactly(tmp_path):
     assert resumed["status"] == "ok" and resumed["val_loss"] == straight["val_loss"]
 
 
+def test_a_stopping_study_signals_each_child_once():
+    # stop() runs on the signal and again on each cell's Interrupted: a second SIGTERM would
+    # kill a child at once, while it saves its checkpoint
+    counts = ("import signal, time\n"
+              "n = []\n"
+              "signal.signal(signal.SIGTERM, lambda *a: n.append(1))\n"
+              "print('ready', flush=True)\n"
+              "t = time.time()\n"
+              "while time.time() - t < 1.5:\n"
+              "    time.sleep(0.02)\n"
+              "print(len(n))\n")
+    launcher = gpt_norms.Launcher(jobs=2)
+    child = subprocess.Popen([sys.executable, "-c", counts], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    launcher.children.add(child)
+    launcher.stop()
+    launcher.stop()
+    assert child.stdout.read().strip() == "1" and child.wait() == 0
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--steps", "4"], "--steps 4 is too short for a warmup of 0.1111 of the run (0 steps)"),
     (["--data", "nowhere"], "--data nowhere is not a prepared directory"),
