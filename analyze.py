@@ -918,7 +918,7 @@ class OneLineParser(tc._Parser):
 
 
 def build_parser():
-    parser = OneLineParser(description=__doc__.split("\n\n")[1], allow_abbrev=False,
+    parser = OneLineParser(description=__doc__.split("\n\n")[1],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=OneLineParser)
@@ -983,7 +983,7 @@ def build_parser():
 
 def cmd_moved(args):
     raise AnalysisError(f"`analyze.py {args.command}` moved with this project's own studies: "
-                        f"python studies/gpt_norms.py {args.command} ... (the same flags)")
+                        f"python studies/gpt_norms.py {args.command} ... (its flags: --help there)")
 
 
 COMMANDS = {"s_curves": cmd_s_curves, "alpha_std": cmd_alpha_std, "ablations": cmd_ablations,

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import DyT
+from dyt import is_dynamic
 from model import GPT, ViT, GPT_PRESETS, gpt_config, vit_config
 
 ROOT = Path(__file__).resolve().parent
@@ -648,8 +648,8 @@ def host_cost_us(M=4096, C=4096, dtype=torch.bfloat16, fn="tanh", calls=200, war
 
 def _caching_malloc():
     """Make glibc keep and reuse freed large blocks (as the CUDA caching allocator does) instead
-    of an mmap/munmap pair per 32 MiB tensor, which costs the CPU path ~25-50 us per call that a
-    GPU call never pays. Process-wide and permanent: call it in a process of its own."""
+    of an mmap/munmap pair per 32 MiB tensor: page faults on every call, which a GPU call never
+    pays. Process-wide and permanent: call it in a process of its own."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -783,8 +783,13 @@ def build_gpt(preset, norm, fused, dtype, device):
         model = GPT(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.init_weights()
+    return use_kernel(model, fused)
+
+
+def use_kernel(model, fused):
+    """Every DyT-like layer of model on the fused kernel (where it has one) or on its definition."""
     for m in model.modules():
-        if isinstance(m, DyT):
+        if is_dynamic(m):
             m.use_kernel = fused
     return model
 
@@ -978,9 +983,7 @@ def bench_memory(args, device, record=lambda row: None):
             model = GPT(gpt_config("gpt2_small", norm=norm, block_size=seq)).to(device)
             x = torch.randint(model.cfg.vocab_size, (batch, seq), device=device)
             loss_of = lambda: model(x, x)[1]
-        for m in model.modules():
-            if isinstance(m, DyT):
-                m.use_kernel = fused
+        use_kernel(model, fused)
         # Mixed precision as in training: fp32 weights, bf16 autocast on a GPU; fp32 on a CPU.
         autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 

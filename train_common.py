@@ -114,12 +114,29 @@ class TrainConfig:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage dump), naming the closest valid flag."""
+    """argparse whose errors are one line (no usage dump), naming the closest valid flag. No
+    abbreviations, in subcommands too: a prefix silently taken for a longer flag (--seed for
+    --seeds) runs something other than what was typed."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._parsed, extras = super().parse_known_args(args, namespace)
+        return self._parsed, extras
+
+    def _parsers_used(self):
+        """This parser and the subcommand's, whose flags a hint may name."""
+        parsed = getattr(self, "_parsed", None)
+        subs = [action.choices.get(getattr(parsed, action.dest, None) or "") for action in self._actions
+                if isinstance(action, argparse._SubParsersAction)]
+        return [self] + [sub for sub in subs if sub is not None]
 
     def error(self, message):
         if "unrecognized arguments" in message:
             bad = message.split(":", 1)[1].split()
-            flags = [a for a in self._option_string_actions if a.startswith("--")]
+            flags = [a for p in self._parsers_used() for a in p._option_string_actions if a.startswith("--")]
             hints = []
             for b in bad:
                 if b.startswith("-"):
@@ -159,7 +176,7 @@ def config_flags(cls):
 
 
 def build_parser(cls, presets, description=""):
-    parser = _Parser(description=description, allow_abbrev=False)
+    parser = _Parser(description=description)
     parser.add_argument("--preset", default=None, choices=None,
                         help=f"applied first, then any flag overrides it: {', '.join(presets)}")
     for flag, (f, default, _) in config_flags(cls).items():
@@ -391,8 +408,8 @@ def set_lr(optimizer, lr):
 def build_optimizer(model, cfg, device):
     """AdamW(betas, weight_decay) over the model's param_groups (no decay on 1-d parameters:
     norm/DyT alpha, gamma, beta, biases, the embedding scale). The fused kernel, on CUDA and on
-    the CPU too: there it is one pass per tensor where the default takes a dozen (7 ms against
-    32 ms a step for nanoGPT's 10M-parameter shape on one core)."""
+    the CPU too: there it is one pass per tensor where the default takes a dozen (the step's
+    time, measured: docs/speed.md)."""
     from model import param_groups
     groups = param_groups(unwrap(model), cfg.weight_decay)
     groups = [g for g in groups if g["params"]]
@@ -429,8 +446,13 @@ def auto_micro_batch(global_batch, world_size, cap=16, unit="sequences", flag="t
 
 
 def grad_sync(model, last):
-    """The context of one micro-step's backward: DDP's no_sync() but on the last micro-step,
-    so that gradients are all-reduced once per step (a no-op without DDP)."""
+    """The context of one micro-step's backward: gradients are reduced across ranks once per
+    step, on its last micro-step. FSDP2 is told so (set_requires_gradient_sync); DDP skips the
+    all-reduce inside no_sync(); without either it is a no-op."""
+    module = unwrap(model)
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
 
 

@@ -84,7 +84,7 @@ PRESETS = {
     "llama34b": _llama("llama34b", 1.5e-4),
     "llama70b": _llama("llama70b", 1.5e-4),
 }
-RENAMED_PRESETS = {"cpu": "nano"}  # the same run under two names until 2026-12
+RENAMED_PRESETS = {"cpu": "nano"}  # old name -> new: --preset cpu is refused, naming nano
 
 
 def check_flags(cfg):
@@ -95,13 +95,15 @@ def check_flags(cfg):
                         ("global_batch_tokens", cfg.global_batch_tokens),
                         ("eval_tokens", cfg.eval_tokens), ("temperature", cfg.temperature)):
         tc.need(value > 0, flag, value, "positive")
-    for flag, value in (("micro_batch", cfg.micro_batch), ("train_tokens", cfg.train_tokens),
-                        ("vocab_size", m.vocab_size), ("ffn_dim", m.ffn_dim),
-                        ("sample_tokens", cfg.sample_tokens), ("top_k", cfg.top_k),
-                        ("alpha0_attn", m.alpha0_attn), ("alpha0_other", m.alpha0_other),
-                        ("alpha0_final", m.alpha0_final), ("dyt_gamma0", m.dyt_gamma0),
-                        ("norm_out_rms", m.norm_out_rms)):
+    for flag, value in (("micro_batch", cfg.micro_batch), ("vocab_size", m.vocab_size),
+                        ("ffn_dim", m.ffn_dim), ("alpha0_attn", m.alpha0_attn),
+                        ("alpha0_other", m.alpha0_other), ("alpha0_final", m.alpha0_final),
+                        ("dyt_gamma0", m.dyt_gamma0), ("norm_out_rms", m.norm_out_rms)):
         tc.need(value >= 0, flag, value, ">= 0 (0: automatic)")
+    for flag, value, zero in (("train_tokens", cfg.train_tokens, "use --max_steps"),
+                              ("sample_tokens", cfg.sample_tokens, "no sample"),
+                              ("top_k", cfg.top_k, "no top-k cut")):
+        tc.need(value >= 0, flag, value, f">= 0 (0: {zero})")
 
 
 def derive_steps(cfg):
@@ -291,10 +293,7 @@ def train(argv=None):
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for j, (x, y) in enumerate(loader.next_step()):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                last = j == accum - 1
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(last)
-                with tc.grad_sync(stepped, last):
+                with tc.grad_sync(stepped, last=j == accum - 1):
                     with autocast:
                         _, loss = stepped(x, y, reduction="sum")
                     # DDP/FSDP average gradients over ranks; times world / global tokens gives
@@ -329,8 +328,7 @@ def train(argv=None):
 
 
 def sample(argv=None):
-    p = tc._Parser(prog="train_gpt.py sample", description="sample from a checkpoint",
-                   allow_abbrev=False)
+    p = tc._Parser(prog="train_gpt.py sample", description="sample from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a ckpt.pt written by train_gpt.py")
     p.add_argument("--prompt", default="The ")
     p.add_argument("--max_new_tokens", type=int, default=300)

@@ -619,7 +619,7 @@ def cmd_saturation(args):
 
 
 def build_parser():
-    parser = tc._Parser(description=__doc__.split("\n\n")[1], allow_abbrev=False,
+    parser = tc._Parser(description=__doc__.split("\n\n")[1],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=tc._Parser)
 

@@ -753,7 +753,8 @@ def test_sm90_sass_parser_can_fail():
 # and prints them with an estimate before the first GPU test runs.
 #   core: tanh and erf, bf16 and fp32, a working set many times the L2 and an odd width, y and
 #         every gradient against float64 (the GPU day's first part: -k gpu_core)
-#   more: fp16, the portable tanh, rows past 65,535 programs, tiny shapes (-k "gpu and not core")
+#   more: fp16, the portable tanh, rows past 65,535 programs, tiny shapes, erf with a
+#         per-channel alpha (no layer uses it; the kernel takes it) (-k "gpu and not core")
 
 GPU_CORE = [(fn, dtype, shape, per_channel)
             for fn in ("tanh", "erf") for dtype in (torch.bfloat16, torch.float32)
@@ -761,7 +762,7 @@ GPU_CORE = [(fn, dtype, shape, per_channel)
             for per_channel in ((False, True) if fn == "tanh" else (False,))]
 GPU_MORE = [("tanh", torch.float16, (70000, 4097), True), ("erf", torch.float16, (2, 3, 193), False),
             ("tanh", torch.float32, (1, 193), False), ("tanh", torch.bfloat16, (4, 1), True),
-            ("erf", torch.float32, (70000, 4097), False)]
+            ("erf", torch.float32, (70000, 4097), False), ("erf", torch.bfloat16, (3, 4097), True)]
 SECONDS_PER_COMPILE = 1.5  # an estimate for these kernels (Triton 3.x, one process)
 
 

@@ -119,6 +119,7 @@ def test_a_stopping_study_signals_each_child_once():
     (["--data", "nowhere"], "--data nowhere is not a prepared directory"),
     (["--lrs", "rms=1e-3"], "--lrs gives no learning rates for dyt"),
     (["--norms", "dyx"], "unknown norm 'dyx'"),
+    (["--seed", "1"], "unknown flag --seed (did you mean --seeds?)"),  # not taken for --seeds
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, needle):
     with pytest.raises(SystemExit) as e:

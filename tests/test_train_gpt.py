@@ -247,6 +247,9 @@ def test_gamma0_and_alpha0_flags_reach_the_layers(tmp_path, capsys):
         assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), automatic.state_dict().values()))
         err = one_line_error(TINY + ["--out_dir", str(tmp_path), flag, "-1"], capsys)
         assert err == f"error: {flag} -1.0 is out of range: it must be >= 0 (0: automatic)", err
+    # where 0 means something else, the line says what
+    err = one_line_error(TINY + ["--out_dir", str(tmp_path), "--top_k", "-1"], capsys)
+    assert err == "error: --top_k -1 is out of range: it must be >= 0 (0: no top-k cut)", err
 
 
 def test_fsdp_bf16_steps_saves_and_resumes_at_world_sizes_1_and_2(tmp_path, reference, capsys):
