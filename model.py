@@ -241,7 +241,7 @@ def dyt_out_rms_at_gamma1(norm, alpha0, input_rms):
     steps blow the residual up (width 384 with gamma sqrt(dim): init output RMS 6.8, stuck).
     So gamma0 is chosen to give every DyT-like layer the same output RMS at init,
     DYT_OUT_RMS0 = 2.5, at any width and alpha0: gamma0 = 2.5 / dyt_out_rms_at_gamma1(...).
-    Output RMS 2-3 trained equally well in 150-step pilots at widths 64-384, 1 clearly worse;
+    Why 2.5: the pilots in results/analysis/pilots_gpt_init.md (2-3 alike, 1 clearly worse);
     RMSNorm too gains from a gain init of 2.5 here (the control in docs/small_gpt.md).
     """
     nodes, weights = np.polynomial.hermite_e.hermegauss(64)  # for the weight exp(-x^2 / 2)
