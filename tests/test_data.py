@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import prepare_data  # noqa: E402
 from train_common import UserError  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def test_prepare_with_offline_tiktoken(tmp_path):
     jsonl.write_text("\n".join(json.dumps({"text": f"doc {i}: the weather in there"})
                                for i in range(30)))
     out = str(tmp_path / "prepared")
-    docs = data._iter_local([str(txt), str(jsonl)])
+    docs = prepare_data._iter_local([str(txt), str(jsonl)])
     counts = data.prepare(docs, out, enc, val_every=10, shard_tokens=100)
     train, val = data.TokenDataset(out, "train"), data.TokenDataset(out, "val")
     assert train.n_tokens == counts["train"] and val.n_tokens == counts["val"]
@@ -64,7 +65,7 @@ def test_prepare_with_offline_tiktoken(tmp_path):
     toks = np.concatenate([np.asarray(s) for s in train.shards]).tolist()
     assert enc.eot_token in toks and "weather in there" in enc.decode(toks)
     with pytest.raises(UserError, match="no such input file"):
-        list(data._iter_local([str(tmp_path / "missing.txt")]))
+        list(prepare_data._iter_local([str(tmp_path / "missing.txt")]))
 
 
 def _dataset(tmp_path, n=5000):
@@ -119,16 +120,16 @@ def test_prepare_a_directory_and_its_overlap_report(tmp_path, capsys, monkeypatc
             "This shared sentence appears in every single document of the corpus.\n")
     (src / "image.png").write_bytes(b"\x89PNG not text")
     out = tmp_path / "prepared"
-    main_guard(data.main, ["prepare", "--input", str(src), "--encoding", "byte", "--out", str(out)])
+    main_guard(prepare_data.main, ["prepare", "--input", str(src), "--encoding", "byte", "--out", str(out)])
     assert "train and" in capsys.readouterr().out
-    files = data.expand_inputs([str(src)])
+    files = prepare_data.expand_inputs([str(src)])
     assert len(files) == 40 and files == sorted(files) and all(f.endswith(".txt") for f in files)
     val = data.TokenDataset(str(out), "val")
     text = np.asarray(val.shards[0], dtype=np.uint8).tobytes().decode()
     # by document, every 20th in sorted path order (b/doc01, ..., b/doc39, doc00, ...): whole
     # documents, the first and the 21st
     assert text.count("Document") == 2 and "Document 1 has" in text and "Document 0 has" in text
-    (line,) = data.overlap_report(str(out))
+    (line,) = prepare_data.overlap_report(str(out))
     assert "3 distinct validation lines" in line and "33.3% of them also occur" in line
     # bad input is one line naming the path
     empty = tmp_path / "empty"
@@ -137,14 +138,14 @@ def test_prepare_a_directory_and_its_overlap_report(tmp_path, capsys, monkeypatc
     for argv, needle in ((["--input", str(empty)], f"{empty} holds no .txt"),
                          (["--input", str(tmp_path / "missing")], "no such input file")):
         with pytest.raises(SystemExit) as e:
-            main_guard(data.main, ["prepare", *argv, "--encoding", "byte", "--out", str(tmp_path / "x")])
+            main_guard(prepare_data.main, ["prepare", *argv, "--encoding", "byte", "--out", str(tmp_path / "x")])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
 
     def unreadable(path, *a, **k):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(data, "open", unreadable, raising=False)  # root reads any file: fake it
+    monkeypatch.setattr(prepare_data, "open", unreadable, raising=False)  # root reads any file: fake it
     with pytest.raises(SystemExit):
-        main_guard(data.main, ["prepare", "--input", str(src), "--encoding", "byte", "--out", str(tmp_path / "y")])
+        main_guard(prepare_data.main, ["prepare", "--input", str(src), "--encoding", "byte", "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot read {files[0]}: Permission denied; fix its permissions or leave it out of --input"
