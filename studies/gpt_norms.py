@@ -652,7 +652,8 @@ def build_parser():
     p.add_argument("--data", default="data/pydocs", help="a prepared token directory (or 'default')")
     p.add_argument("--widths", default="64", help="model widths (multiples of 32)")
     p.add_argument("--steps", default="450,1800,7200", help=f"budgets in steps of {BATCH_TOKENS} tokens")
-    p.add_argument("--largest_only", default="rms@2.5", help="norms run at the largest budget only")
+    p.add_argument("--largest_only", default="rms@2.5,dyt@a2,dyt@1",
+                   help="norms run at the largest budget only (the control and the remedies)")
     p.add_argument("--lrs", default="rms=4e-3,8e-3,16e-3;*=1e-3,2e-3,4e-3",
                    help="the sweep at the first seed, per norm ('NAME=...;*=...') or for all")
     p.add_argument("--seed_steps", default="", help="budgets where every seed runs (default: the largest)")
