@@ -445,12 +445,16 @@ def plot_gaps(rows, results, name):
     plt = pyplot()
     if plt is None or not lines:
         return
+    # one colour per norm and one marker per width, so a norm reads across widths
+    color = {s: f"C{i}" for i, s in enumerate(sorted({s for _, s in lines}))}
+    marker = {w: "osD^v"[i % 5] for i, w in enumerate(sorted({w for w, _ in lines}))}
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for width, spec in lines:
         pts = sorted((r["tokens_per_param"], r["gap_to_rms"], r.get("gap_se", 0.0))
                      for r in rows if (r["width"], r["norm"]) == (width, spec) and "gap_to_rms" in r)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                    marker="o", capsize=3, label=f"{spec} - rms, width {width}")
+                    color=color[spec], marker=marker[width], capsize=3,
+                    label=f"{spec} - rms, width {width}")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens per parameter")
