@@ -699,9 +699,35 @@ def cmd_alpha0(args):
 # 7. Robustness to perturbations of the norm input (ViT study section 6)
 
 
-PERTURBATIONS = ([("clean", None, 0.0), ("noise 1 std", "noise", 1.0)]
-                 + [(f"scale x{s:g}", "scale", s) for s in (0.5, 2, 5, 100)]
-                 + [(f"bias +{b:g} std", "bias", b) for b in (0.5, 2)])
+# Two protocols. "paper" is the ViT study's (Aggarwal, Tiwari, Aryan 2025, sec. 6.2, eqs. 3-5):
+# ONE norm layer at a time, at a shallow and at a deep block; a forward pre-hook changes 50% of
+# that layer's input channels, so the residual stream around it stays clean; its noise
+# REPLACES those channels by N(0, sigma^2), sigma the layer input's std. "all_layers" is this
+# project's own extension, not the paper's: every norm layer at once, and its noise is
+# additive and sporadic (each element of the chosen channels with probability 1/2).
+PERTURBATIONS = {
+    "paper": ([("clean", None, 0.0), ("noise (replace, 1 std)", "replace", 1.0)]
+              + [(f"scale x{s:g}", "scale", s) for s in (0.5, 2, 5, 100)]
+              + [(f"bias +{b:g} std", "bias", b) for b in (0.5, 2)]),
+    "all_layers": ([("clean", None, 0.0), ("noise (add, sporadic, 1 std)", "noise", 1.0)]
+                   + [(f"scale x{s:g}", "scale", s) for s in (0.5, 2, 5, 100)]
+                   + [(f"bias +{b:g} std", "bias", b) for b in (0.5, 2)]),
+}
+
+
+def paper_layers(model, layers):
+    """The paper's two layers: the first norm of a shallow and of a deep block, at the same
+    relative depths as its blocks 3 and 8 of 12 (1/4 and 2/3 of the depth)."""
+    blocks = model_blocks(model)
+    picks = dict.fromkeys(min(len(blocks) - 1, round(f * len(blocks))) for f in (3 / 12, 8 / 12))
+    chosen = []
+    for b in picks:
+        prefix = blocks[b][0] + "."
+        inside = [l for l in layers if l.name.startswith(prefix)]
+        if not inside:
+            raise AnalysisError(f"block {blocks[b][0]} has no norm layer; name the layers with --layers")
+        chosen.append(inside[0])
+    return chosen
 
 
 def input_stats(model, layers, x):
@@ -725,10 +751,11 @@ def channel_masks(layers, stats, seed, fraction=0.5):
 
 @contextlib.contextmanager
 def perturbed(model, layers, kind, amount, stats, masks, seed, noise_prob=0.5):
-    """Forward pre-hooks that perturb each layer's input on its masked channels: noise -
-    Gaussian of `amount` x the layer's input std, added sporadically (to each element of
-    those channels with probability noise_prob); scale - those channels times `amount`;
-    bias - plus `amount` x the layer's std. Removed on exit, even on error."""
+    """Forward pre-hooks that perturb each layer's input on its masked channels, sigma being
+    the layer's clean input std: replace - those channels become N(0, (amount sigma)^2)
+    (the paper's sporadic noise); noise - N(0, (amount sigma)^2) added to each of their
+    elements with probability noise_prob (this project's variant); scale - times `amount`;
+    bias - plus `amount` sigma. Removed on exit, even on error."""
     generator = torch.Generator().manual_seed(seed)
     with hooks_removed_after() as handles:
         for layer in layers:
@@ -737,10 +764,13 @@ def perturbed(model, layers, kind, amount, stats, masks, seed, noise_prob=0.5):
                 xc = channels_last_view(x, layer.channels_last)
                 mask = masks[layer.name].to(x.device)
                 std = stats[layer.name][0]
-                if kind == "noise":
+                if kind in ("replace", "noise"):
                     noise = torch.randn(xc.shape, generator=generator).to(x.device, x.dtype) * (amount * std)
-                    sporadic = torch.rand(xc.shape, generator=generator).to(x.device) < noise_prob
-                    new = xc + noise * (sporadic & mask)
+                    if kind == "replace":
+                        new = torch.where(mask, noise, xc)
+                    else:
+                        sporadic = torch.rand(xc.shape, generator=generator).to(x.device) < noise_prob
+                        new = xc + noise * (sporadic & mask)
                 elif kind == "scale":
                     new = torch.where(mask, xc * amount, xc)
                 else:
@@ -751,57 +781,86 @@ def perturbed(model, layers, kind, amount, stats, masks, seed, noise_prob=0.5):
         yield
 
 
+def robustness_rows(model, kind, x, y, groups, protocol, seed):
+    """[{perturbation, layer, acc, loss}] with each group of layers perturbed together: one
+    layer per group under the paper's protocol, all of them in one group otherwise."""
+    everything = [l for g in groups for l in g]
+    stats = input_stats(model, everything, x[:min(len(x), 256)])
+    masks = channel_masks(everything, stats, seed)
+    _, clean = loss_and_accuracy(model, kind, x, y)
+    rows = []
+    for group in groups:
+        for label, what, amount in PERTURBATIONS[protocol]:
+            with perturbed(model, group, what, amount, stats, masks, seed) if what else contextlib.nullcontext():
+                loss, acc = loss_and_accuracy(model, kind, x, y)
+            acc = acc if math.isfinite(loss) else float("nan")
+            rows.append({"perturbation": label, "layer": ",".join(l.name for l in group) if protocol == "paper"
+                         else "all", "acc": acc, "drop": clean - acc, "loss": loss})
+    return rows
+
+
 def cmd_robustness(args):
     models = [(run_name(p), *load_model(p)) for p in args.ckpt]
     kinds = {m[2] for m in models}
     if len(kinds) > 1:
         raise AnalysisError("compare models of one kind (all ViT or all GPT checkpoints)")
-    rows = [{"perturbation": label} for label, _, _ in PERTURBATIONS]
+    table = None
     for tag, model, kind, state in models:
         x, y = analysis_batch(kind, state, args.n, args.data_dir)
-        layers = select_layers(norm_layers(model), args.layers)
-        stats = input_stats(model, layers, x[:min(len(x), 256)])
-        masks = channel_masks(layers, stats, args.seed)
-        clean = None
-        for row, (label, what, amount) in zip(rows, PERTURBATIONS):
-            with perturbed(model, layers, what, amount, stats, masks, args.seed) if what else contextlib.nullcontext():
-                loss, acc = loss_and_accuracy(model, kind, x, y)
-            clean = acc if clean is None else clean
-            metric = acc if math.isfinite(loss) else float("nan")
-            row[f"{tag} acc"] = metric
-            row[f"{tag} drop"] = clean - metric
-            row[f"{tag} loss"] = loss
+        layers = norm_layers(model)
+        if args.protocol == "paper":
+            groups = [[l] for l in (select_layers(layers, args.layers) if args.layers else paper_layers(model, layers))]
+        else:
+            groups = [select_layers(layers, args.layers)]
+        rows = robustness_rows(model, kind, x, y, groups, args.protocol, args.seed)
+        if table is None:
+            table = [{"perturbation": r["perturbation"], "layer": r["layer"]} for r in rows]
+        elif [(r["perturbation"], r["layer"]) for r in rows] != [(t["perturbation"], t["layer"]) for t in table]:
+            raise AnalysisError("the checkpoints' norm layers differ (names or depth); compare models of one shape")
+        for t, r in zip(table, rows):
+            t.update({f"{tag} acc": r["acc"], f"{tag} drop": r["drop"], f"{tag} loss": r["loss"]})
     what = "top-1" if kinds == {"vit"} else "next-token accuracy"
-    write_table(rows, args.results, f"robustness_{args.tag or '_vs_'.join(m[0] for m in models)}",
-                f"Robustness: {what} on {args.n} inputs with the inputs of norm layers "
-                f"{args.layers or 'all'} perturbed on a random 50% of channels")
+    protocol = ("the ViT study's protocol (sec. 6.2): one norm layer at a time, 50% of its input "
+                "channels, noise replaces them" if args.protocol == "paper" else
+                "this project's all-layers variant, not the paper's: every chosen norm layer at once, "
+                "50% of channels, noise added to half their elements")
+    name = f"robustness_{args.tag or '_vs_'.join(m[0] for m in models)}"
+    write_table(table, args.results, name, f"Robustness: {what} on {args.n} inputs; {protocol}")
     plt = pyplot()
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
+        fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(table)), 3.5))
         width = 0.8 / len(models)
+        labels = [r["perturbation"] + ("" if args.protocol != "paper" else f"\n{r['layer']}") for r in table]
         for k, (tag, *_) in enumerate(models):
-            ax.bar(np.arange(len(rows)) + k * width, [r[f"{tag} acc"] for r in rows], width, label=tag)
-        ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["perturbation"] for r in rows],
-                      rotation=30, ha="right", fontsize=8)
+            ax.bar(np.arange(len(table)) + k * width, [r[f"{tag} acc"] for r in table], width, label=tag)
+        ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, labels, rotation=40, ha="right", fontsize=7)
         ax.set_ylabel(what)
         ax.legend(fontsize=8)
-        ax.set_title("perturbing 50% of the channels entering each norm layer", fontsize=10)
-        save_figure(fig, args.results, f"robustness_{args.tag or '_vs_'.join(m[0] for m in models)}")
-    return rows
+        ax.set_title(protocol, fontsize=8)
+        save_figure(fig, args.results, name)
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
 # 8. Representations: effective rank, CKA, gradient flow (ViT study sections 7-8)
 
 
-def effective_rank(features, center=False):
-    """Shannon effective rank (Roy & Vetterli 2007) of a [n, d] matrix: exp of the entropy of
-    its singular values normalised to sum 1. d for isotropic data, k for k equal directions.
-    center=True removes the mean row first (the shared offset of all tokens)."""
+def effective_rank(features, of="covariance"):
+    """Shannon effective rank of a [n, d] matrix A: exp of the entropy of a spectrum
+    normalised to sum 1. d for isotropic data, k for k equal directions.
+
+    of="covariance" is the ViT study's definition (its appendix A): the eigenvalues of the
+    covariance A^T A / n of the centred rows, i.e. the squared singular values of the centred
+    A. of="singular_values" is Roy & Vetterli's (2007), on A as it is: the singular values
+    themselves. The two differ on any spectrum that is not flat (for singular values 2 and 1:
+    1.65 against 1.89), so only the first compares with the paper's numbers."""
     f = features.double().reshape(-1, features.shape[-1])
-    if center:
-        f = f - f.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(f)
+    if of == "covariance":
+        s = torch.linalg.svdvals(f - f.mean(0, keepdim=True)) ** 2
+    elif of == "singular_values":
+        s = torch.linalg.svdvals(f)
+    else:
+        raise ValueError(f"of={of!r}: covariance or singular_values")
     p = s / s.sum().clamp_min(1e-300)
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
@@ -860,11 +919,13 @@ def cmd_representations(args):
         grads[tag] = ratios
         for name, f in feats[tag]:
             rows.append({"model": tag, "block": name, "effective_rank": effective_rank(f),
-                         "effective_rank_centred": effective_rank(f, center=True),
+                         "effective_rank_sv": effective_rank(f, of="singular_values"),
                          "width": f.shape[-1]})
     base = f"representations_{args.tag or '_vs_'.join(m[0] for m in models)}"
     write_table(rows, args.results, f"{base}_erank",
-                f"Shannon effective rank of each block's output ({args.n} inputs, all tokens)")
+                f"Shannon effective rank of each block's output ({args.n} inputs, all tokens as rows): "
+                f"effective_rank is the ViT study's (eigenvalues of the centred covariance); "
+                f"effective_rank_sv is Roy & Vetterli's (singular values of the raw matrix), not the paper's")
     grad_rows = [{"layer": name, **{f"{tag} ratio": grads[tag].get(name, float("nan")) for tag in grads}}
                  for name in dict.fromkeys(n for tag in grads for n in grads[tag])]
     write_table(grad_rows, args.results, f"{base}_grad",
@@ -886,8 +947,8 @@ def cmd_representations(args):
         for tag in feats:
             mine = [r for r in rows if r["model"] == tag]
             axes[0].plot(range(len(mine)), [r["effective_rank"] for r in mine], "o-", label=f"{tag}")
-            axes[0].plot(range(len(mine)), [r["effective_rank_centred"] for r in mine], "s--",
-                         label=f"{tag} (centred)")
+            axes[0].plot(range(len(mine)), [r["effective_rank_sv"] for r in mine], "s--",
+                         label=f"{tag} (singular values, not the paper's)")
             names = list(grads[tag])
             axes[2].plot(range(len(names)), [grads[tag][n] for n in names], "o-", label=tag)
         axes[0].set_xlabel("block")
@@ -971,7 +1032,11 @@ def build_parser():
     p = common(sub.add_parser("robustness", help="accuracy under perturbed norm inputs"))
     p.add_argument("--ckpt", action="append", required=True, help="repeat: e.g. LN then DyT")
     p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--layers", default="", help="names or indices, comma-separated (default all)")
+    p.add_argument("--protocol", choices=list(PERTURBATIONS), default="paper",
+                   help="paper: the ViT study's, one layer at a time, noise replaces; all_layers: "
+                        "this project's variant, every layer at once, noise added")
+    p.add_argument("--layers", default="", help="names or indices, comma-separated (default: paper: "
+                   "the first norm of the blocks at 1/4 and 2/3 of the depth; all_layers: all)")
 
     p = common(sub.add_parser("representations", help="effective rank, CKA, gradient-norm ratios"))
     p.add_argument("--ckpt", action="append", required=True, help="one, or two to compare")

@@ -2,6 +2,7 @@
 every subcommand end to end on tiny checkpoints (2-block ViTs on synthetic Fashion-MNIST-format
 IDX files, a 1-layer GPT on the built-in corpus), a few training steps each."""
 
+import math
 import os
 import subprocess
 import sys
@@ -59,13 +60,20 @@ def outputs(results, name, tables=("",)):
 def test_effective_rank_of_known_spectra():
     g = torch.Generator().manual_seed(0)
     iso = torch.randn(20000, 32, generator=g)
-    assert 30 < analyze.effective_rank(iso) <= 32
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g))
-    for k in (1, 5, 12):
-        low = torch.randn(20000, k, generator=g) @ q[:k]  # k orthonormal directions in 64-d
-        assert abs(analyze.effective_rank(low) - k) < 0.05 * k + 0.05, k
-    # centring removes a shared offset, which otherwise takes most of the spectrum
-    assert analyze.effective_rank(iso + 100) < 3 < analyze.effective_rank(iso + 100, center=True)
+    for of in ("covariance", "singular_values"):
+        assert 30 < analyze.effective_rank(iso, of=of) <= 32
+        for k in (1, 5, 12):
+            low = torch.randn(20000, k, generator=g) @ q[:k]  # k orthonormal directions in 64-d
+            assert abs(analyze.effective_rank(low, of=of) - k) < 0.05 * k + 0.05, (of, k)
+    # the two definitions part on a spectrum that is not flat: singular values 2 and 1 give the
+    # paper's (squared) p = (0.8, 0.2) and Roy & Vetterli's p = (2/3, 1/3)
+    two = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.0, -1.0]])  # centred already
+    h = lambda p: math.exp(-sum(x * math.log(x) for x in p))
+    assert analyze.effective_rank(two) == pytest.approx(h([0.8, 0.2]), rel=1e-12)
+    assert analyze.effective_rank(two, of="singular_values") == pytest.approx(h([2 / 3, 1 / 3]), rel=1e-12)
+    # the paper's covariance is centred: a shared offset does not count as a direction
+    assert analyze.effective_rank(iso + 100, of="singular_values") < 3 < 30 < analyze.effective_rank(iso + 100)
 
 
 def test_linear_cka_invariances():
@@ -208,18 +216,47 @@ def test_diverged_runs_are_marked(tmp_path):
 def test_robustness_and_representations(runs, tmp_path):
     ckpts = ["--ckpt", str(runs / "vit_ln"), "--ckpt", str(runs / "vit_dyt"), "--data_dir",
              str(runs / "idx"), "--results", str(tmp_path)]
+    # the paper's protocol: one layer at a time, the first norm of a shallow and a deep block
     rows = analyze.main(["robustness", "--n", "100"] + ckpts)
     outputs(tmp_path, "robustness_vit_ln_vs_vit_dyt")
-    assert [r["perturbation"] for r in rows][:3] == ["clean", "noise 1 std", "scale x0.5"]
-    assert rows[0]["vit_ln drop"] == 0 and len(rows) == 8
+    assert [r["perturbation"] for r in rows][:3] == ["clean", "noise (replace, 1 std)", "scale x0.5"]
+    assert [r["layer"] for r in rows] == ["blocks.0.norm1"] * 8 + ["blocks.1.norm1"] * 8
+    assert rows[0]["vit_ln drop"] == 0 and len(rows) == 16
+    assert "one norm layer at a time" in (tmp_path / "robustness_vit_ln_vs_vit_dyt.md").read_text()
+    rows = analyze.main(["robustness", "--n", "100", "--protocol", "all_layers", "--tag", "all"] + ckpts)
+    assert len(rows) == 8 and {r["layer"] for r in rows} == {"all"} and rows[1]["perturbation"].startswith("noise (add")
+    assert "not the paper's" in (tmp_path / "robustness_all.md").read_text()
     rows, cka, grads = analyze.main(["representations", "--n", "16", "--grad_n", "8"] + ckpts)
     outputs(tmp_path, "representations_vit_ln_vs_vit_dyt", ("_erank", "_grad", "_cka"))
     assert cka.shape == (2, 2) and ((0 <= cka) & (cka <= 1 + 1e-9)).all()
     assert set(grads) == {"vit_ln", "vit_dyt"} and all(len(g) == 5 for g in grads.values())
-    assert all(1 <= r["effective_rank"] <= 32 for r in rows)
+    assert all(1 <= r["effective_rank"] <= 32 and 1 <= r["effective_rank_sv"] <= 32 for r in rows)
     analyze.main(["representations", "--ckpt", str(runs / "gpt_dyt"), "--n", "2", "--grad_n", "2",
                   "--results", str(tmp_path)])
     outputs(tmp_path, "representations_gpt_dyt", ("_erank", "_grad", "_cka"))
+
+
+def test_paper_protocol_replaces_one_layers_channels(runs):
+    """The paper's noise replaces the chosen channels of ONE layer's input: that layer sees
+    noise there and its clean input elsewhere, and no other layer's input changes."""
+    model, kind, state = analyze.load_model(str(runs / "vit_ln"))
+    x, _ = analyze.analysis_batch(kind, state, 8, str(runs / "idx"))
+    layers = analyze.norm_layers(model)
+    target = analyze.paper_layers(model, layers)[0]
+    stats = analyze.input_stats(model, layers, x)
+    masks = analyze.channel_masks(layers, stats, 0)
+    clean = analyze.capture_norm_io(model, layers, x)
+    with analyze.perturbed(model, [target], "replace", 1.0, stats, masks, 0):
+        seen = analyze.capture_norm_io(model, layers, x)
+    m = masks[target.name]
+    assert torch.equal(seen[target.name][0][..., ~m], clean[target.name][0][..., ~m])
+    noise = seen[target.name][0][..., m]
+    assert not torch.equal(noise, clean[target.name][0][..., m])
+    assert noise.mean().abs() < 0.2 * stats[target.name][0]
+    assert noise.std().item() == pytest.approx(stats[target.name][0], rel=0.15)
+    before = [l.name for l in layers[:layers.index(target)]]
+    for name in before:  # upstream of the target: untouched
+        assert torch.equal(seen[name][0], clean[name][0]), name
 
 
 def test_tables_without_matplotlib(runs, tmp_path, monkeypatch):
