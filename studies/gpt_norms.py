@@ -51,17 +51,17 @@ from dyt import NORMS  # noqa: E402
 BATCH_TOKENS = 16 * 256  # the default run's global batch: 16 sequences of 256 tokens
 DIVERGED = 3             # the child's exit code for a run stopped by its divergence guard
 
-# The child: train_gpt.py's main with its one-line errors, but a divergence (a result of the
+# The child: a trainer's main with its one-line errors, but a divergence (a result of the
 # study, not a failure of it) told apart by its exit code.
-CHILD = f"""
+CHILD = """
 import sys
-import train_common as tc, train_gpt
+import train_common as tc, {trainer}
 def main(argv):
     try:
-        train_gpt.main(argv)
+        {trainer}.main(argv)
     except tc.TrainingDiverged as e:
         print(f"error: {{e}}", file=sys.stderr, flush=True)
-        sys.exit({DIVERGED})
+        sys.exit({diverged})
 tc.main_guard(main)
 """
 
@@ -115,16 +115,18 @@ def seeds_of(text):
 
 
 class Launcher:
-    """Runs train_gpt.py children, at most `jobs` at once with OMP_NUM_THREADS=threads each.
+    """Runs trainer children (train_gpt.py or train_vit.py), at most `jobs` at once with
+    OMP_NUM_THREADS=threads each.
 
-    run(argv, out_dir) returns the run's result: status ("ok" or "diverged: ..."), steps,
-    train and val loss, parameters, tokens/s. With reuse, a run whose result.json exists is
+    run(argv, out_dir) returns the run's result (read_result): status ("ok" or "diverged:
+    ..."), steps, the final evaluation, parameters, speed. With reuse, a run whose result.json exists is
     read back and one with a checkpoint resumes; without it a run starts over. stop()
     (SIGINT/SIGTERM, or a failure elsewhere) sends each running child one SIGTERM: it
     checkpoints and exits, and run() raises tc.Interrupted."""
 
-    def __init__(self, jobs=1, threads=1, reuse=False):
+    def __init__(self, jobs=1, threads=1, reuse=False, trainer="train_gpt"):
         self.jobs, self.threads, self.reuse = jobs, threads, reuse
+        self.child = CHILD.format(trainer=trainer, diverged=DIVERGED)
         self.slots = threading.Semaphore(jobs)
         self.children, self.signaled, self.lock, self.stopping = set(), set(), threading.Lock(), False
 
@@ -140,7 +142,7 @@ class Launcher:
                 raise tc.Interrupted("stopped before this run started")
             resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
             os.makedirs(out_dir, exist_ok=True)
-            cmd = [sys.executable, "-c", CHILD, *argv, "--out_dir", out_dir] + (["--resume"] if resume else [])
+            cmd = [sys.executable, "-c", self.child, *argv, "--out_dir", out_dir] + (["--resume"] if resume else [])
             env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONWARNINGS": "ignore"}
             print(f"--- {'resume' if resume else 'start'} {out_dir}", flush=True)
             with open(os.path.join(out_dir, "train.log"), "a") as log:
@@ -182,18 +184,21 @@ def _last_error(log_path):
 
 
 def read_result(out_dir, status):
-    """A finished run's result from its metrics.jsonl and checkpoint."""
+    """A finished run's result from its metrics.jsonl and checkpoint: the last train loss and
+    the last evaluation (a GPT's val loss and bits per byte; a ViT's test top-1, top-5, loss)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         log = [json.loads(line) for line in f if line.strip()]
     train = [r for r in log if "loss" in r]
-    evals = [r for r in log if "val_loss" in r]
     result = {"status": status, "steps": train[-1]["step"] if train else 0,
               "train_loss": train[-1]["loss"] if train else math.nan}
-    if status == "ok" and evals:
-        result.update(val_loss=evals[-1]["val_loss"], val_bpb=evals[-1]["val_bpb"])
-    speeds = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
-    if speeds:
-        result["tokens_per_s"] = round(float(np.median(speeds)))
+    for keys in (("val_loss", "val_bpb"), ("test_top1", "test_top5", "test_loss")):
+        evals = [r for r in log if keys[0] in r]
+        if status == "ok" and evals:
+            result.update({k: evals[-1][k] for k in keys})
+    for speed in ("tokens_per_s", "images_per_s"):
+        speeds = [r[speed] for r in train if speed in r]
+        if speeds:
+            result[speed] = round(float(np.median(speeds)))
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if os.path.isfile(ckpt):
         result["params"] = sum(v.numel() for v in ck.load_checkpoint(ckpt)["model"].values())
@@ -272,16 +277,17 @@ class Study:
     (every run, also those this call did not ask for: none already paid for is lost) and
     summarize(runs) are written."""
 
-    def __init__(self, args, name, title, keys, summarize):
+    def __init__(self, args, name, title, keys, summarize, trainer="train_gpt", score=None):
         self.results, self.name, self.title, self.keys = args.results, name, title, keys
-        self.summarize = summarize
+        self.summarize, self.score = summarize, score or val_loss_of
         key = lambda r: tuple(r[k] for k in keys)
         self.recorded = recorded_runs(os.path.join(args.results, f"{name}_runs"), title, key) if args.reuse else {}
         self.runs, self.lock = dict(self.recorded), threading.Lock()
-        self.launcher = Launcher(args.jobs, args.threads, args.reuse)
+        self.launcher = Launcher(args.jobs, args.threads, args.reuse, trainer)
 
     def run(self, fields, argv, out_dir):
-        """The val loss (inf unless ok) of the run named by `fields`: recorded, or trained."""
+        """The score (lower is better; val loss by default, inf unless ok) of the run named by
+        `fields`: recorded, or trained."""
         key = tuple(fields[k] for k in self.keys)
         result = self.recorded.get(key)
         if result is None:
@@ -291,7 +297,7 @@ class Study:
             with self.lock:
                 self.runs[key] = result
             self.write()
-        return val_loss_of(result)
+        return self.score(result)
 
     def write(self):
         with self.lock:

@@ -288,3 +288,70 @@ def test_norm_specs_name_their_init():
     for bad in ("dyt@x", "dyt@a", "dyx@1"):
         with pytest.raises(tc.UserError):
             gpt_norms.norm_spec(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# studies/vit_norms.py: the ViT study's plumbing on tiny runs (not its numbers)
+
+VIT_TINY = "--dim 16 --depth 1 --heads 2 --batch_size 16 --eval_batch 100 --log_interval 5"
+
+
+def vit_study(tmp_path, idx, *extra):
+    return ["--data_dir", str(idx), "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path / "res"),
+            "--train_args", VIT_TINY, "--jobs", "2", *extra]
+
+
+def test_vit_study_sweeps_lr_then_alpha0_then_seeds_and_reuses_its_table(tmp_path, capsys):
+    from studies import vit_norms
+    from test_data_vision import write_fashion_mnist
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    write_fashion_mnist(idx, 160, 50)  # 10 steps an epoch
+    argv = vit_study(tmp_path, idx, "--epochs", "0.5,1", "--norms", "ln,dyt", "--lrs", "2e-3,4e-3",
+                     "--extend", "0", "--alpha0s", "2", "--seeds", "0,1", "--seed_epochs", "1")
+    rows = vit_norms.main(argv)
+    assert [(r["epochs"], r["norm"]) for r in rows] == [(0.5, "ln"), (0.5, "dyt"), (1, "ln"), (1, "dyt")]
+    runs = table(tmp_path / "res" / "vit_norms_runs.csv")
+    for column in ("epochs", "norm", "lr", "alpha0", "seed", "status", "steps", "test_top1", "test_top5",
+                   "test_loss", "params", "images_per_s"):
+        assert column in runs[0], column
+    by = {(r["epochs"], r["norm"]): r for r in rows}
+    # ln: 2 lrs; dyt: 2 lrs at alpha0 1, then alpha0 2 at the better lr; seed 1 at epochs 1 only
+    cell = lambda e, n: [r for r in runs if (float(r["epochs"]), r["norm"]) == (e, n)]
+    assert len(cell(0.5, "ln")) == 2 and len(cell(0.5, "dyt")) == 3
+    assert len(cell(1, "ln")) == 3 and len(cell(1, "dyt")) == 4
+    assert {float(r["alpha0"]) for r in cell(1, "ln")} == {0.0}
+    dyt_first = {(float(r["lr"]), float(r["alpha0"])): float(r["test_top1"]) for r in cell(1, "dyt") if r["seed"] == "0"}
+    assert (by[(1, "dyt")]["best_lr"], by[(1, "dyt")]["best_alpha0"]) == max(dyt_first, key=dyt_first.get)
+    assert by[(1, "dyt")]["seeds"] == 2 and by[(0.5, "dyt")]["seeds"] == 1
+    assert by[(1, "dyt")]["gap_to_ln"] == pytest.approx(by[(1, "dyt")]["top1_mean"] - by[(1, "ln")]["top1_mean"], abs=0.011)
+    assert "gap_se" in by[(1, "dyt")]
+    seed1 = [r for r in runs if r["seed"] == "1"][0]
+    assert int(seed1["steps"]) == 10 and seed1["status"] == "ok"
+    # the committed table alone: nothing trains again, and the summary is the same
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+    assert vit_norms.main(argv + ["--reuse"]) == rows and "--- start" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--norms", "ln,tanh"], "unknown norm 'tanh'"),
+    (["--epochs", "a"], "--epochs takes comma-separated numbers"),
+    (["--jobs", "0"], "--jobs and --threads must be >= 1"),
+    (["--seed", "1"], "did you mean --seeds"),
+])
+def test_vit_study_bad_input_is_one_line(tmp_path, capsys, extra, needle):
+    from studies import vit_norms
+    with pytest.raises(SystemExit) as e:
+        tc.main_guard(vit_norms.main, vit_study(tmp_path, tmp_path, *extra))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_vit_study_without_data_names_the_fix(tmp_path, capsys):
+    from studies import vit_norms
+    with pytest.raises(SystemExit):
+        tc.main_guard(vit_norms.main, vit_study(tmp_path, tmp_path / "empty", "--norms", "ln"))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "apt-get install dataset-fashion-mnist" in err, err
