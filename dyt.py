@@ -14,8 +14,9 @@ working. Neither computes statistics: each is element-wise, one pass over the ac
 A layer's forward is its definition, run by autograd. On CUDA the same function runs as one
 fused Triton kernel (kernel.py): one pass forward and one backward.
 
-Also here: the ablations (other squashing functions, no alpha, one alpha per channel), all of
-one shape (class Dynamic); make_norm(name, dim, ...), which every `--norm NAME` goes through;
+Also here: the ablations (other squashing functions, no alpha, one alpha per channel), one
+line each in ABLATIONS, all of one shape (class Dynamic); NORMS, every name `--norm` takes,
+and make_norm(name, dim, ...), which every `--norm NAME` goes through;
 is_dynamic, the one test of "DyT-like"; and convert_to_dyt(model), which swaps the norms of
 any model.
 """
@@ -111,8 +112,9 @@ class Derf(Dynamic):
 
 
 # ---------------------------------------------------------------------------------------------
-# The ablations: other squashing functions, no alpha, per-channel alpha.
-# Each maps alpha*x to a bounded range (except `identity`, which the DyT paper shows diverges).
+# The ablations: gamma * f(alpha x) + beta for another squashing function f, or DyT without its
+# alpha or with one alpha per channel. One line each, (f, alpha, what it computes): make_norm,
+# --norm, analyze.py and the tests all read this table.
 
 def _gelu_clip(x):
     # DyGC: GELU clipped from above at 1 (GELU is already bounded below, by about -0.17).
@@ -126,37 +128,37 @@ def _rational(x):
     return (x * (15 + x2) / (15 + 6 * x2)).clamp(-1.0, 1.0)
 
 
-SQUASH = {
-    "tanh": torch.tanh,                          # DyT
-    "hardtanh": F.hardtanh,                      # clip to [-1, 1], piecewise linear
-    "sigmoid": torch.sigmoid,                    # DyS: range (0, 1), not zero-centred
-    "softsign": F.softsign,                      # DySs: x / (1 + |x|)
-    "arctan": torch.atan,                        # DyA: range (-pi/2, pi/2)
-    "clamp": lambda x: x.clamp(-1.0, 1.0),       # DyCL: the same function as hardtanh, kept
-                                                 # under the ViT study's name for its table
-    "gelu_clip": _gelu_clip,                     # DyGC
-    "rational": _rational,                       # DyPR
-    "identity": lambda x: x,                     # alpha * x: no squashing (diverges)
+ABLATIONS = {
+    "hardtanh": (F.hardtanh, "scalar", "gamma * hardtanh(alpha x) + beta: clip to [-1, 1]"),
+    "sigmoid": (torch.sigmoid, "scalar", "DyS: gamma * sigmoid(alpha x) + beta, range (0, 1), not zero-centred"),
+    "softsign": (F.softsign, "scalar", "DySs: gamma * softsign(alpha x) + beta, softsign(z) = z / (1 + |z|)"),
+    "arctan": (torch.atan, "scalar", "DyA: gamma * arctan(alpha x) + beta, range (-pi/2, pi/2)"),
+    "clamp": (lambda x: x.clamp(-1.0, 1.0), "scalar",
+              "DyCL: gamma * clamp(alpha x, -1, 1) + beta (hardtanh, under the ViT study's name)"),
+    "gelu_clip": (_gelu_clip, "scalar", "DyGC: gamma * min(gelu(alpha x), 1) + beta"),
+    "rational": (_rational, "scalar", "DyPR: gamma * pade_tanh(alpha x) + beta"),
+    "dyt_identity": (lambda x: x, "scalar", "gamma * alpha x + beta: no squashing (diverges at scale)"),
+    "dyt_noalpha": (torch.tanh, "none", "gamma * tanh(x) + beta (DyT paper Table 9)"),
+    "dyt_channel": (torch.tanh, "channel", "gamma * tanh(alpha_c x) + beta, one alpha per channel (ViT study sec. 5)"),
 }
 
 
 class DynamicSquash(Dynamic):
-    """gamma * f(alpha * x) + beta for any f in SQUASH (DyT is f = tanh), with one alpha
-    ("scalar", the papers), one per channel ("channel", the ViT study's section 5) or none
-    ("none": f(x), the DyT paper's Table 9)."""
+    """An ablation of DyT: gamma * f(alpha * x) + beta with f, alpha ("scalar": the papers';
+    "channel": one per channel; "none": f(x)) from ABLATIONS[name]."""
 
-    def __init__(self, dim, squash="tanh", alpha0=0.5, alpha="scalar", channels_last=True,
-                 bias=True, gamma0=1.0):
-        if squash not in SQUASH:
-            raise ValueError(f"unknown squash {squash!r}; choose one of {', '.join(SQUASH)}")
+    def __init__(self, dim, name, alpha0=0.5, channels_last=True, bias=True, gamma0=1.0):
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown ablation {name!r}; choose one of {', '.join(ABLATIONS)}")
+        fn, alpha, _ = ABLATIONS[name]
         super().__init__(dim, alpha0, channels_last, bias, gamma0, alpha)
-        self.squash, self.fn = squash, SQUASH[squash]
+        self.name, self.fn = name, fn
 
     def forward(self, x):
         return self.affine(self.fn(self.scale(x)))
 
     def extra_repr(self):
-        return f"squash={self.squash}, " + super().extra_repr()
+        return f"{self.name}, " + super().extra_repr()
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -181,20 +183,10 @@ NORMS = {
     "ln": "LayerNorm",
     "rms": "RMSNorm",
     "identity": "no normalisation at all (nn.Identity)",
-    # DyT and its squashing-function variants, all with a learnable scalar alpha (is_dynamic)
+    # DyT, Derf, and the ablations (all of them is_dynamic)
     "dyt": "gamma * tanh(alpha x) + beta",
     "derf": "Derf: gamma * erf(alpha x + s) + beta, s a learnable scalar shift",
-    "hardtanh": "gamma * hardtanh(alpha x) + beta",
-    "sigmoid": "DyS: gamma * sigmoid(alpha x) + beta",
-    "softsign": "DySs: gamma * softsign(alpha x) + beta",
-    "arctan": "DyA: gamma * arctan(alpha x) + beta",
-    "clamp": "DyCL: gamma * clamp(alpha x, -1, 1) + beta",
-    "gelu_clip": "DyGC: gamma * min(gelu(alpha x), 1) + beta",
-    "rational": "DyPR: gamma * pade_tanh(alpha x) + beta",
-    "dyt_identity": "gamma * alpha x + beta (no squashing; diverges)",
-    # alpha variants of DyT
-    "dyt_noalpha": "gamma * tanh(x) + beta (DyT paper Table 9)",
-    "dyt_channel": "gamma * tanh(alpha_c x) + beta, one alpha per channel (ViT study sec. 5)",
+    **{name: what for name, (_, _, what) in ABLATIONS.items()},
 }
 
 
@@ -216,14 +208,8 @@ def make_norm(name, dim, alpha0=0.5, channels_last=True, bias=True, eps=1e-6, ga
         return DyT(dim, alpha0, channels_last, bias, gamma0)
     if name == "derf":
         return Derf(dim, alpha0, channels_last, bias, gamma0)
-    if name == "dyt_identity":
-        return DynamicSquash(dim, "identity", alpha0, "scalar", channels_last, bias, gamma0)
-    if name == "dyt_noalpha":
-        return DynamicSquash(dim, "tanh", alpha0, "none", channels_last, bias, gamma0)
-    if name == "dyt_channel":
-        return DynamicSquash(dim, "tanh", alpha0, "channel", channels_last, bias, gamma0)
-    if name in SQUASH:
-        return DynamicSquash(dim, name, alpha0, "scalar", channels_last, bias, gamma0)
+    if name in ABLATIONS:
+        return DynamicSquash(dim, name, alpha0, channels_last, bias, gamma0)
     raise ValueError(f"unknown norm {name!r}; choose one of {', '.join(NORMS)}")
 
 

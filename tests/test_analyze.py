@@ -184,10 +184,10 @@ def test_alpha_std(runs, tmp_path):
 def test_ablations_and_alpha0(runs, tmp_path):
     sweep = ["--steps", "2", "--train_args", "--dim 16 --depth 1 --heads 2 --batch_size 16 --eval_batch 100",
              "--out_dir", str(tmp_path / "runs"), "--results", str(tmp_path)]
-    rows = analyze.main(["ablations", "--norms", "ln,tanh,identity,dyt_channel",
+    rows = analyze.main(["ablations", "--norms", "ln,dyt,dyt_identity,dyt_channel",
                          "--data_dir", str(runs / "idx")] + sweep)
     outputs(tmp_path, "ablations")
-    assert [r["norm_flag"] for r in rows] == ["ln", "dyt", "dyt_identity", "dyt_channel"]
+    assert [r["norm"] for r in rows] == ["ln", "dyt", "dyt_identity", "dyt_channel"]
     assert all(r["steps"] == 2 and 0 <= r["test_top1"] <= 1 for r in rows if r["status"] == "ok")
     rows = analyze.main(["alpha0", "--model", "vit", "--alpha0", "0.5,2", "--data_dir", str(runs / "idx")]
                         + sweep + ["--reuse"])
@@ -287,13 +287,17 @@ def test_bad_input_is_one_line(runs, tmp_path):
                       "--layers", "blocks.9.norm1", "--results", str(tmp_path)])
     with pytest.raises(tc.UserError, match="alpha/"):
         analyze.main(["alpha_std", "--run", str(runs / "vit_ln"), "--results", str(tmp_path)])
+    # one vocabulary: the ablations take --norm names, and the old spellings name the new
+    for old, new in (("tanh", "'dyt'"), ("identity", "'dyt_identity'")):
+        with pytest.raises(tc.UserError, match=f"is called {new} now"):
+            analyze.main(["ablations", "--norms", f"ln,{old}", "--results", str(tmp_path)])
 
 
 def test_training_sweeps_write_under_their_tag(tmp_path, monkeypatch):
     # --tag names the files: a tagged sweep into results/analysis must not replace the untagged one
     monkeypatch.setattr(analyze, "train_one", lambda trainer, argv, out_dir, reuse=False:
                         {"status": "ok", "steps": 1, "test_top1": 0.5, "val_loss": 1.0})
-    analyze.main(["ablations", "--norms", "ln,tanh", "--tag", "_mine", "--results", str(tmp_path)])
+    analyze.main(["ablations", "--norms", "ln,dyt", "--tag", "_mine", "--results", str(tmp_path)])
     analyze.main(["alpha0", "--alpha0", "0.5", "--tag", "_mine", "--results", str(tmp_path)])
     analyze.main(["alpha0", "--model", "gpt", "--alpha0_attn", "1", "--alpha0_other", "1", "--tag", "_mine",
                   "--results", str(tmp_path)])

@@ -6,13 +6,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import Derf, DyT, DynamicSquash, NORMS, SQUASH, convert_to_dyt, is_dynamic, make_norm
+from dyt import ABLATIONS, Derf, DyT, NORMS, convert_to_dyt, is_dynamic, make_norm
 
 
 def squash_reference(name, z):
-    """The squashing functions written independently of dyt.py, in float64."""
+    """The squashing function of each DyT-like --norm, written independently of dyt.py, in
+    float64. A new ablation in dyt.ABLATIONS needs its line here (and nothing else)."""
     return {
-        "tanh": lambda: torch.tanh(z),
+        "dyt": lambda: torch.tanh(z),
         "hardtanh": lambda: torch.where(z.abs() <= 1, z, z.sign()),
         "sigmoid": lambda: 1 / (1 + torch.exp(-z)),
         "softsign": lambda: z / (1 + z.abs()),
@@ -20,7 +21,9 @@ def squash_reference(name, z):
         "clamp": lambda: torch.minimum(torch.maximum(z, -torch.ones_like(z)), torch.ones_like(z)),
         "gelu_clip": lambda: torch.minimum(0.5 * z * (1 + torch.erf(z / math.sqrt(2))), torch.ones_like(z)),
         "rational": lambda: (z * (15 + z ** 2) / (15 + 6 * z ** 2)).clamp(-1, 1),
-        "identity": lambda: z,
+        "dyt_identity": lambda: z,
+        "dyt_noalpha": lambda: torch.tanh(z),
+        "dyt_channel": lambda: torch.tanh(z),
     }[name]()
 
 
@@ -100,14 +103,16 @@ def test_gamma0_sets_gamma_init(name):
         make_norm(name, 6, gamma0=0.0)
 
 
+def test_every_ablation_is_a_norm_name():
+    assert set(ABLATIONS) < set(NORMS) and all(is_dynamic(n) for n in ABLATIONS)
+
+
 @pytest.mark.parametrize("name", [n for n in NORMS if n not in ("ln", "rms", "identity", "derf")])
 def test_every_dynamic_variant_against_float64_reference(name):
     torch.manual_seed(1)
     dim = 11
     layer = randomise(make_norm(name, dim, alpha0=0.8).double())
     x = torch.randn(4, 6, dim, dtype=torch.float64) * 4
-    squash = {"dyt": "tanh", "dyt_identity": "identity", "dyt_noalpha": "tanh",
-              "dyt_channel": "tanh"}.get(name, name)
     if name == "dyt_noalpha":
         assert not any(n == "alpha" for n, _ in layer.named_parameters())
         z = x
@@ -115,7 +120,7 @@ def test_every_dynamic_variant_against_float64_reference(name):
         expected_alpha_shape = (dim,) if name == "dyt_channel" else (1,)
         assert layer.alpha.shape == expected_alpha_shape
         z = layer.alpha * x
-    expected = layer.weight * squash_reference(squash, z) + layer.bias
+    expected = layer.weight * squash_reference(name, z) + layer.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
