@@ -10,7 +10,7 @@ Text data for train_gpt.py: tokenisers, token shards, the default corpus and the
   - The default corpus: the English text that ships with CPython (the pydoc_data topics and
     the docstrings of the standard library, ~2.2 MB), in a fixed order; every 20th document
     is held out for validation. Built once, cached under data/default-py<version>-byte.
-  - `python data.py prepare --input a.txt b.jsonl c.parquet --encoding gpt2 --out data/mine`
+  - `python prepare_data.py prepare --input a.txt b.jsonl c.parquet --encoding gpt2 --out data/mine`
     or `--hf HuggingFaceFW/fineweb-edu --hf_config sample-10BT`: the readers of files and
     datasets, and that command, are in prepare_data.py.
   - TokenLoader: deterministic batches, split across ranks, resumable to the exact sample.
@@ -98,22 +98,22 @@ def write_shard(path, tokens, vocab_size, n_bytes=0):
 def read_header(path):
     """The header of a shard as a dict; UserError naming the file when it is not a valid one."""
     if not os.path.isfile(path):
-        raise UserError(f"no token shard at {path}; run `python data.py prepare` first")
+        raise UserError(f"no token shard at {path}; run `python prepare_data.py prepare` first")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(HEADER_SIZE)
     if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
-        raise UserError(f"{path} is not a token shard (bad magic); re-run data.py prepare")
+        raise UserError(f"{path} is not a token shard (bad magic); re-run prepare_data.py prepare")
     magic, version, itemsize, n_tokens, n_bytes, vocab = HEADER.unpack(raw[:HEADER.size])
     if version != VERSION:
         raise UserError(f"{path} has shard version {version}, this code reads {VERSION}; "
-                        "re-run data.py prepare")
+                        "re-run prepare_data.py prepare")
     if itemsize not in (2, 4):
         raise UserError(f"{path} has {itemsize} bytes per token (2 or 4 expected); re-run prepare")
     expected = HEADER_SIZE + n_tokens * itemsize
     if size != expected:
         raise UserError(f"{path} is truncated or corrupt: {size} bytes, header says {expected}; "
-                        "re-run data.py prepare")
+                        "re-run prepare_data.py prepare")
     return {"itemsize": itemsize, "n_tokens": n_tokens, "n_bytes": n_bytes, "vocab_size": vocab}
 
 
@@ -129,7 +129,7 @@ def read_meta(data_dir):
     """data_dir/meta.json as a dict; UserError (one line) when it is missing or corrupt.
     (The built-in corpus never gets here broken: default_data_dir rebuilds it.)"""
     meta_path = os.path.join(data_dir, "meta.json")
-    fix = (f"prepare it with `python data.py prepare --input FILES --encoding byte --out "
+    fix = (f"prepare it with `python prepare_data.py prepare --input FILES --encoding byte --out "
            f"{data_dir}`, or train on the built-in corpus (--data default)")
     if not os.path.isfile(meta_path):
         raise UserError(f"no prepared data in {data_dir} (missing meta.json); {fix}")
@@ -150,13 +150,13 @@ class TokenDataset:
         meta_path = os.path.join(data_dir, "meta.json")
         paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
         if not paths:
-            raise UserError(f"no {split}_*.bin shards in {data_dir}; re-run data.py prepare")
+            raise UserError(f"no {split}_*.bin shards in {data_dir}; re-run prepare_data.py prepare")
         self.paths, self.shards, self.headers = paths, [], []
         for p in paths:
             tokens, h = open_shard(p)
             if h["vocab_size"] != self.meta["vocab_size"]:
                 raise UserError(f"{p} has vocab {h['vocab_size']} but {meta_path} says "
-                                f"{self.meta['vocab_size']}; re-run data.py prepare")
+                                f"{self.meta['vocab_size']}; re-run prepare_data.py prepare")
             self.shards.append(tokens)
             self.headers.append(h)
         self.vocab_size = int(self.meta["vocab_size"])
@@ -308,7 +308,7 @@ def resolve_data_dir(data, cache_root=None):
     if data == "default":
         return default_data_dir(cache_root)
     if not os.path.isdir(data):
-        raise UserError(f"no data directory {data}; prepare one with `python data.py prepare "
+        raise UserError(f"no data directory {data}; prepare one with `python prepare_data.py prepare "
                         f"--out {data} --input ...` or use --data default")
     return data
 
@@ -355,7 +355,7 @@ class TokenLoader:
         if top >= self.ds.vocab_size:
             raise UserError(f"{self.ds.paths[shard]} holds token id {top} at or after token "
                             f"{off}, outside the vocabulary of {self.ds.vocab_size}; the shard "
-                            "is corrupt: re-run data.py prepare")
+                            "is corrupt: re-run prepare_data.py prepare")
         return w
 
     def _window_index(self, g):
@@ -404,13 +404,9 @@ def val_windows(dataset, seq_len, max_tokens, rank=0, world_size=1, batch=16):
         yield rows[:, :-1], rows[:, 1:]
 
 
-def main(argv=None):
-    """`python data.py prepare|overlap ...`: the command is prepare_data.py's (the default run
-    never needs it)."""
-    import prepare_data
-    return prepare_data.main(argv)
-
-
 if __name__ == "__main__":
-    from train_common import main_guard
-    main_guard(main)
+    # data.py holds what the trainer reads; the commands that write shards are prepare_data.py's
+    import sys
+    print("error: data preparation is one command now: python prepare_data.py "
+          + (" ".join(sys.argv[1:]) or "prepare --help"), file=sys.stderr)
+    sys.exit(2)

@@ -1,10 +1,9 @@
 """
-Make token shards from text, and check them: `python data.py prepare ...` and `python data.py
-overlap ...` run this file's main (train_gpt.py prepare too).
+Make token shards from text, and check them (data.py reads them; the default run needs none):
 
-    python data.py prepare --input a.txt b.jsonl c.parquet DIR --encoding gpt2 --out data/mine
-    python data.py prepare --hf HuggingFaceFW/fineweb-edu --hf_config sample-10BT --out ...
-    python data.py overlap data/pydocs --against default
+    python prepare_data.py prepare --input a.txt b.jsonl c.parquet DIR --encoding gpt2 --out data/mine
+    python prepare_data.py prepare --hf HuggingFaceFW/fineweb-edu --hf_config sample-10BT --out ...
+    python prepare_data.py overlap data/pydocs --against default
 
 Inputs: .txt files (one document each), .jsonl and .parquet (a document per row, its
 --text_field), directories of them (read recursively in sorted path order), or a Hugging Face
@@ -151,7 +150,7 @@ def overlap_report(data_dir, against=(), min_chars=40):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = _Parser(prog="data.py", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenise text into shards")
     p.add_argument("--input", nargs="*", default=[], help=".txt / .jsonl / .parquet files, or "
@@ -193,11 +192,6 @@ def main(argv=None):
     counts = prepare(docs, args.out, args.encoding, args.val_every, args.shard_tokens,
                      args.max_docs, progress=True)
     print(f"wrote {counts['train']:,} train and {counts['val']:,} val tokens to {args.out}")
-
-
-if __name__ == "__main__":
-    from train_common import main_guard
-    main_guard(main)
 
 
 if __name__ == "__main__":

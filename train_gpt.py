@@ -4,7 +4,6 @@ Pretrain the LLaMA-style GPT of model.py with RMSNorm (--norm rms), DyT (--norm 
 
     python train_gpt.py --norm dyt                  # CPU, a few minutes, built-in corpus
     torchrun --nproc_per_node=8 train_gpt.py --preset llama7b --data data/fineweb_edu ...
-    python train_gpt.py prepare --input docs.jsonl --encoding gpt2 --out data/mine
     python train_gpt.py sample --ckpt out/gpt_dyt/ckpt.pt --prompt "The " --top_k 50
 
 The recipe is the DyT paper's LLaMA one: AdamW (0.9, 0.95), weight decay 0.1 on matrices
@@ -361,7 +360,7 @@ def sample(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "prepare":
-        return data_lib.main(argv)
+        raise UserError("data preparation is one command now: python prepare_data.py " + " ".join(argv))
     if argv and argv[0] == "sample":
         return sample(argv[1:])
     return train(argv)

@@ -475,7 +475,7 @@ def cmd_budget(args):
     data = os.path.abspath(args.data) if args.data != "default" else "default"
     if data != "default" and not os.path.isfile(os.path.join(data, "meta.json")):
         raise AnalysisError(f"--data {args.data} is not a prepared directory; prepare it first: "
-                            f"python data.py prepare --input /usr/share/doc/python3.11/html/_sources "
+                            f"python prepare_data.py prepare --input /usr/share/doc/python3.11/html/_sources "
                             f"--encoding byte --out {args.data}")
     widths = [int(w) for w in floats(args.widths, "--widths")]
     budgets = sorted(int(s) for s in floats(args.steps, "--steps"))

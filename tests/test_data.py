@@ -1,12 +1,14 @@
 """data.py: shard header, corrupt files, offline tiktoken prepare, the deterministic loader."""
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import prepare_data  # noqa: E402
 from train_common import UserError  # noqa: E402
@@ -149,3 +151,21 @@ def test_prepare_a_directory_and_its_overlap_report(tmp_path, capsys, monkeypatc
         main_guard(prepare_data.main, ["prepare", "--input", str(src), "--encoding", "byte", "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot read {files[0]}: Permission denied; fix its permissions or leave it out of --input"
+
+
+def test_one_way_to_prepare_data_and_no_import_circle(tmp_path):
+    """prepare_data.py is the one command; data.py (what the trainer reads) does not import it,
+    and the old spellings name the new one in one line."""
+    code = "import sys, data; assert 'prepare_data' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    for cmd in (["data.py", "prepare", "--default", "--out", str(tmp_path / "a")],
+                ["train_gpt.py", "prepare", "--default", "--out", str(tmp_path / "b")]):
+        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, (cmd, p.stderr)
+        assert "python prepare_data.py prepare --default --out" in lines[0], lines
+        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    out = tmp_path / "c"
+    p = subprocess.run([sys.executable, "prepare_data.py", "prepare", "--default", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.count("wrote ") == 1, p.stdout + p.stderr  # runs once

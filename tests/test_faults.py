@@ -411,7 +411,7 @@ def test_corrupt_meta_and_out_of_vocab_tokens_are_one_line(tmp_path, capsys):
     with open(os.path.join(d, "meta.json"), "w") as f:
         f.write('{"encoding": "byte", "voc')  # cut short
     err = gpt_error(GPT_TINY + ["--out_dir", str(tmp_path / "a"), "--data", d], capsys)
-    assert "meta.json is corrupt" in err and "data.py prepare" in err, err
+    assert "meta.json is corrupt" in err and "prepare_data.py prepare" in err, err
     os.remove(os.path.join(d, "meta.json"))
     err = gpt_error(GPT_TINY + ["--out_dir", str(tmp_path / "b"), "--data", d], capsys)
     assert "missing meta.json" in err and "--encoding byte" in err, err

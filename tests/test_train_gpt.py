@@ -115,7 +115,7 @@ def test_bad_flag_from_the_shell():
 def test_missing_data_and_corrupt_shard_and_bad_checkpoint(tmp_path, capsys, reference):
     fresh = ["--out_dir", str(tmp_path / "fresh")]
     err = one_line_error(TINY + fresh + ["--data", str(tmp_path / "nowhere")], capsys)
-    assert "no data directory" in err and "data.py prepare" in err
+    assert "no data directory" in err and "prepare_data.py prepare" in err
     bad = tmp_path / "bad"
     bad.mkdir()
     data.write_shard(str(bad / "train_000000.bin"), np.arange(1000) % 256, 256)
