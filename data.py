@@ -52,17 +52,49 @@ class ByteEncoding:
         return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
+class HFTokenizerEncoding:
+    """A Hugging Face tokenizer file (tokenizer.json, e.g. LLaMA's 32,000-token SentencePiece
+    BPE) through the optional `tokenizers` package, named hf:PATH. Documents are separated by
+    its end-of-sequence token (</s>, <|endoftext|> or <|end_of_text|>, whichever it has)."""
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"--encoding hf:{path} needs the tokenizers package: pip install tokenizers") from None
+        if not os.path.isfile(path):
+            raise UserError(f"--encoding hf:{path}: no such file; give the path of a tokenizer.json")
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as e:
+            raise UserError(f"--encoding hf:{path} is not a tokenizer.json that `tokenizers` reads "
+                            f"({type(e).__name__}: {str(e)[:80]})") from None
+        self.name = "hf:" + os.path.abspath(path)
+        self.n_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        ids = [self.tokenizer.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<|end_of_text|>")]
+        self.eot_token = next((i for i in ids if i is not None), None)
+
+    def encode_ordinary(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, tokens):
+        return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+
 def get_encoding(name):
-    """The encoding called `name` ('byte' or a tiktoken name); a tiktoken.Encoding passes through."""
+    """The encoding called `name`: 'byte', 'hf:PATH' (a tokenizer.json) or a tiktoken name; an
+    encoding object passes through."""
     if not isinstance(name, str):
         return name
     if name == "byte":
         return ByteEncoding()
+    if name.startswith("hf:"):
+        return HFTokenizerEncoding(name[3:])
     try:
         import tiktoken
         return tiktoken.get_encoding(name)
     except ValueError as e:
-        raise UserError(f"unknown encoding {name!r}: {e}; use byte, gpt2, cl100k_base, ...")
+        raise UserError(f"unknown encoding {name!r}: {e}; use byte, hf:PATH, gpt2, cl100k_base, ...")
     except Exception as e:
         raise UserError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}); it needs "
                         "internet once (or TIKTOKEN_CACHE_DIR with its file), or use --encoding byte")
@@ -176,12 +208,13 @@ class TokenDataset:
 # datasets in prepare_data.py)
 
 def prepare(docs, out_dir, encoding="byte", val_every=DEFAULT_VAL_EVERY,
-            shard_tokens=100_000_000, max_docs=0, progress=False):
+            shard_tokens=100_000_000, max_docs=0, progress=False, max_tokens=0):
     """Tokenise an iterable of document strings into out_dir/{train,val}_NNNNNN.bin.
 
     Document i goes to validation when i % val_every == 0 (deterministic, spread over the
     corpus). Documents are separated by the encoding's end-of-text token (byte level: a blank
-    line). Returns {split: tokens written}."""
+    line). Stops after max_docs documents or once max_tokens tokens are written (0: no cap;
+    the document that crosses the cap is kept whole). Returns {split: tokens written}."""
     enc = get_encoding(encoding)
     name = encoding if isinstance(encoding, str) else enc.name
     vocab = enc.n_vocab
@@ -204,6 +237,8 @@ def prepare(docs, out_dir, encoding="byte", val_every=DEFAULT_VAL_EVERY,
     bar = None
     for i, text in enumerate(docs):
         if max_docs and i >= max_docs:
+            break
+        if max_tokens and sum(st["total"] + st["n"] for st in state.values()) >= max_tokens:
             break
         if progress and bar is None:  # after the first document: an input error is one line
             from tqdm import tqdm

@@ -161,13 +161,16 @@ def main(argv=None):
     p.add_argument("--hf_split", default="train")
     p.add_argument("--default", action="store_true", help="the built-in CPython-docs corpus")
     p.add_argument("--text_field", default="text")
-    p.add_argument("--encoding", default=None, help="byte, gpt2, cl100k_base, o200k_base, ... "
+    p.add_argument("--encoding", default=None, help="byte, hf:PATH (a tokenizer.json, e.g. "
+                   "LLaMA's; needs `tokenizers`), gpt2, cl100k_base, o200k_base, ... "
                    "(default: byte with --default, which then works offline; else gpt2)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val_every", type=int, default=DEFAULT_VAL_EVERY,
                    help="every Nth document goes to validation")
     p.add_argument("--shard_tokens", type=int, default=100_000_000)
     p.add_argument("--max_docs", type=int, default=0, help="stop after this many (0: all)")
+    p.add_argument("--max_tokens", type=int, default=0, help="stop once this many tokens are written "
+                   "(0: all); a streamed dataset is read no further")
     p = sub.add_parser("overlap", help="how much of a prepared dir's validation text occurs "
                        "in its train split (and in other prepared dirs)")
     p.add_argument("data_dir", help="a prepared directory, or 'default'")
@@ -190,7 +193,7 @@ def main(argv=None):
     else:
         docs = _iter_local(args.input, args.text_field)
     counts = prepare(docs, args.out, args.encoding, args.val_every, args.shard_tokens,
-                     args.max_docs, progress=True)
+                     args.max_docs, progress=True, max_tokens=args.max_tokens)
     print(f"wrote {counts['train']:,} train and {counts['val']:,} val tokens to {args.out}")
 
 

@@ -169,3 +169,61 @@ def test_one_way_to_prepare_data_and_no_import_circle(tmp_path):
     p = subprocess.run([sys.executable, "prepare_data.py", "prepare", "--default", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.count("wrote ") == 1, p.stdout + p.stderr  # runs once
+
+
+def sentencepiece_style_tokenizer(path, text, vocab=300):
+    """A LLaMA-style tokenizer.json (BPE with <unk>, <s>, </s>) trained offline on `text`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, decoders, trainers
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(path))
+    return tok
+
+
+def test_prepare_and_train_with_a_hugging_face_tokenizer(tmp_path, capsys):
+    """--encoding hf:PATH: the LLaMA presets' kind of vocabulary, end to end: prepare with a
+    tokenizer.json, train the GPT on it (its vocabulary sized from the data), sample text back,
+    and cap a stream at --max_tokens."""
+    import train_gpt
+    from train_common import main_guard
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    tok_path = tmp_path / "tokenizer.json"
+    tok = sentencepiece_style_tokenizer(tok_path, text)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"{i:02d}.txt").write_text(f"document {i}: " + text[: 200 + 5 * i])
+    out = tmp_path / "hf"
+    main_guard(prepare_data.main, ["prepare", "--input", str(src), "--encoding", f"hf:{tok_path}", "--out", str(out)])
+    train = data.TokenDataset(str(out), "train")
+    assert train.vocab_size == tok.get_vocab_size() and train.meta["eot"] == tok.token_to_id("</s>")
+    assert train.meta["encoding"] == f"hf:{tok_path}"
+    toks = np.concatenate([np.asarray(s) for s in train.shards]).tolist()
+    enc = data.get_encoding(train.meta["encoding"])
+    assert "quick brown fox" in enc.decode(toks) and toks.count(tok.token_to_id("</s>")) == 38
+    run = tmp_path / "run"
+    train_gpt.main(["--data", str(out), "--dim", "32", "--n_layer", "1", "--n_head", "2", "--n_kv_head", "2",
+                    "--seq_len", "32", "--micro_batch", "2", "--global_batch_tokens", "64", "--max_steps", "2",
+                    "--warmup_steps", "1", "--eval_tokens", "256", "--sample_tokens", "0", "--vocab_size", "0",
+                    "--out_dir", str(run), "--device", "cpu"])
+    capsys.readouterr()
+    train_gpt.main(["sample", "--ckpt", str(run / "ckpt.pt"), "--prompt", "the quick", "--max_new_tokens", "5",
+                    "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("the quick")
+    # a token cap stops a (streamed) corpus early
+    capped = tmp_path / "capped"
+    main_guard(prepare_data.main, ["prepare", "--input", str(src), "--encoding", f"hf:{tok_path}",
+                                   "--out", str(capped), "--max_tokens", "600"])
+    meta = json.load(open(capped / "meta.json"))
+    total = sum(meta["tokens"].values())
+    assert 600 <= total < 600 + 200 and total < sum(train.meta["tokens"].values())
+    # bad input: one line naming the fix
+    capsys.readouterr()
+    for bad, needle in ((f"hf:{tmp_path / 'nope.json'}", "no such file"), (f"hf:{src / '00.txt'}", "is not a tokenizer.json")):
+        with pytest.raises(SystemExit):
+            main_guard(prepare_data.main, ["prepare", "--input", str(src), "--encoding", bad, "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
