@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyt import is_dynamic
+from dyt import use_kernel
 from model import GPT, ViT, GPT_PRESETS, gpt_config, vit_config
 
 ROOT = Path(__file__).resolve().parent
@@ -784,14 +784,6 @@ def build_gpt(preset, norm, fused, dtype, device):
     model = model.to(dtype=dtype).to_empty(device=device)
     model.init_weights()
     return use_kernel(model, fused)
-
-
-def use_kernel(model, fused):
-    """Every DyT-like layer of model on the fused kernel (where it has one) or on its definition."""
-    for m in model.modules():
-        if is_dynamic(m):
-            m.use_kernel = fused
-    return model
 
 
 def norm_modules(model):

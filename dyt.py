@@ -89,6 +89,8 @@ class DyT(Dynamic):
     """Dynamic Tanh: gamma * tanh(alpha * x) + beta."""
 
     def forward(self, x):
+        # DyT is the last line. On CUDA kernel.dyt computes that formula fused; an edit of the
+        # line reaches CUDA runs with use_kernel(model, False) (the trainers' --kernel false).
         if self.on_kernel(x):
             import kernel  # the same function, fused (Triton: imported only where it runs)
             return kernel.dyt(x, self.alpha, self.weight, self.bias)
@@ -105,6 +107,7 @@ class Derf(Dynamic):
         super().__init__(dim, alpha0, channels_last, bias, gamma0, shift=True)
 
     def forward(self, x):
+        # As DyT's: kernel.derf is this formula fused, on CUDA unless use_kernel(model, False).
         if self.on_kernel(x):
             import kernel
             return kernel.derf(x, self.alpha, self.shift, self.weight, self.bias)
@@ -211,6 +214,15 @@ def make_norm(name, dim, alpha0=0.5, channels_last=True, bias=True, eps=1e-6, ga
     if name in ABLATIONS:
         return DynamicSquash(dim, name, alpha0, channels_last, bias, gamma0)
     raise ValueError(f"unknown norm {name!r}; choose one of {', '.join(NORMS)}")
+
+
+def use_kernel(model, on=True):
+    """Every DyT/Derf layer of model on kernel.py's fused kernel where it runs (CUDA), or, with
+    on=False, on its forward's formula everywhere. Returns the model."""
+    for m in model.modules():
+        if isinstance(m, Dynamic):
+            m.use_kernel = on
+    return model
 
 
 def is_dynamic(layer):

@@ -82,6 +82,9 @@ class TrainConfig:
         "help": "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32",
         "choices": ["auto", "bf16", "fp32"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    kernel: bool = field(default=True, metadata={
+        "help": "CUDA: DyT/Derf as kernel.py's fused Triton kernel; false: as the formula in "
+                "dyt.py's forward (what an edit there changes)"})
     flush_subnormals: bool = field(default=True, metadata={
         "help": "CPU: flush subnormal floats to zero (x86 is 10-100x slower on them); "
                 "--no-flush_subnormals keeps IEEE subnormals"})

@@ -24,7 +24,7 @@ import torch
 
 import data as data_lib
 import train_common as tc
-from dyt import is_dynamic
+from dyt import is_dynamic, use_kernel
 from model import GPT, GPT_PRESETS, GPTConfig, num_params
 from run import Run
 from train_common import UserError
@@ -155,10 +155,10 @@ def build_model(mcfg, cfg, dist):
     try:
         if cfg.fsdp:
             param_dtype = tc.autocast_dtype(dist.device, cfg.dtype) or torch.float32
-            return tc.build_fsdp_model(lambda: GPT(mcfg), dist, param_dtype=param_dtype,
+            return tc.build_fsdp_model(lambda: use_kernel(GPT(mcfg), cfg.kernel), dist, param_dtype=param_dtype,
                                        reduce_dtype=torch.float32, seed=cfg.seed,
                                        activation_checkpointing=cfg.activation_checkpointing)
-        model = GPT(mcfg).to(dist.device)
+        model = use_kernel(GPT(mcfg), cfg.kernel).to(dist.device)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.activation_checkpointing:

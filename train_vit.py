@@ -31,6 +31,7 @@ from run import Run
 from train_common import UserError
 from augment import augment_images, mixup_cutmix, random_erasing, smooth_one_hot
 from data_vision import DATASETS, ImageLoader, InMemoryImages
+from dyt import use_kernel
 from model import ViT, ViTConfig, VIT_PRESETS, dyt_layers, num_params
 
 # A run shorter than twice its warmup would spend most of itself (or all of it) below the peak
@@ -254,7 +255,7 @@ def train(argv=None):
         # model: the same seed on every rank gives the same initial weights
         mcfg = cfg.model_config(classes, chans)
         torch.manual_seed(cfg.seed)
-        model = ViT(mcfg).to(device)
+        model = use_kernel(ViT(mcfg), cfg.kernel).to(device)
         if cfg.activation_checkpointing:
             tc.apply_activation_checkpointing(model)
         ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -268,3 +268,15 @@ def test_fsdp_bf16_steps_saves_and_resumes_at_world_sizes_1_and_2(tmp_path, refe
     for s in range(1, STEPS + 1):  # bf16 compute: close to fp32 and to one process, not equal
         assert two[s] == pytest.approx(whole[s], rel=2e-2) and whole[s] == pytest.approx(ref[s], rel=3e-2), s
     assert whole[1] != ref[1]  # the run really computed in bf16
+
+
+def test_kernel_switch_reaches_every_dyt_layer():
+    """--kernel false puts every DyT/Derf layer on its forward's formula on CUDA too (so that an
+    edit of DyT.forward is what runs); the default leaves the fused kernel on."""
+    from types import SimpleNamespace
+    from dyt import Dynamic
+    for flags, on in (([], True), (["--kernel", "false"], False)):
+        cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--norm", "derf", *flags])
+        model = train_gpt.build_model(train_gpt.model_config(cfg, 256), cfg, SimpleNamespace(device=torch.device("cpu")))
+        layers = [m for m in model.modules() if isinstance(m, Dynamic)]
+        assert len(layers) == 9 and all(m.use_kernel is on for m in layers), flags
