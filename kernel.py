@@ -237,7 +237,7 @@ def _squash_fwd_kernel(X, Y, A, S, W, B, M, C, n_cblocks,
 #               the next tile's cp.async is in flight while this one is computed, so each
 #               program keeps 8-16 KiB outstanding and the 2 resident programs 16-32 KiB per SM
 #               (fp32: twice that): at the edge for bf16 on an H200, which is what
-#               `bench.py --bwd-stages 1,3` measures. Registers: 80 (tanh) / 111 (erf) for bf16 scalar alpha on
+#               `studies/kernel_lab.py --bwd_stages 1,3` measures. Registers: 80 (tanh) / 111 (erf) for bf16 scalar alpha on
 #               Triton 3.9, <= 128 in every variant the static test compiles: 2 blocks of 8
 #               warps fit (65,536 registers per SM).
 #   expected    80-90% of copy for the backward kernel (the previous design: one 8-warp block
@@ -364,7 +364,7 @@ BWD_PROGRAMS_PER_SM = 2  # the occupancy the backward is designed for: registers
 BWD_MIN_ROWS = 64        # rows per program at least: partials <= ~3% of the bytes
 # tl.range software-pipelining depth of the backward's row loop: 2 = the next tile's x and dy
 # are fetched by cp.async (LDGSTS) into shared memory while this tile is computed. 1 turns it
-# off (plain loads into registers); bench.py --bwd-stages times the choices.
+# off (plain loads into registers); studies/kernel_lab.py --bwd_stages times the choices.
 BWD_STAGES = int(os.environ.get("DYT_BWD_STAGES", "2"))
 RED_BLOCK_C, RED_BLOCK_G, RED_BLOCK_S = 32, 64, 1024
 

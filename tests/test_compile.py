@@ -57,7 +57,7 @@ def run_compiled(file, argv):
 @needs_compiler
 @pytest.mark.parametrize("fsdp", [False, True], ids=["plain", "fsdp"])
 def test_gpt_compiles_under_inductor_with_the_kernel_in_the_graph(tmp_path, fsdp):
-    # with --fsdp: the GPU day's configuration (FSDP2 in bf16, compiled, then sampling)
+    # with --fsdp: the GPU check's configuration (FSDP2 in bf16, compiled, then sampling)
     p, report = run_compiled("train_gpt.py", [
         "--norm", "dyt", "--dim", "32", "--n_layer", "2", "--n_head", "2", "--n_kv_head", "2",
         "--seq_len", "32", "--global_batch_tokens", "256", "--micro_batch", "8", "--max_steps", "3",

@@ -752,7 +752,7 @@ def test_sm90_sass_parser_can_fail():
 # of ~1-2 s, and each case draws its data on the device. gpu_compile_plan() counts the compiles
 # and prints them with an estimate before the first GPU test runs.
 #   core: tanh and erf, bf16 and fp32, a working set many times the L2 and an odd width, y and
-#         every gradient against float64 (the GPU day's first part: -k gpu_core)
+#         every gradient against float64 (the GPU check's first part: -k gpu_core)
 #   more: fp16, the portable tanh, rows past 65,535 programs, tiny shapes, erf with a
 #         per-channel alpha (no layer uses it; the kernel takes it) (-k "gpu and not core")
 
