@@ -3,7 +3,7 @@ This project's own study of the small ViT (not the papers'): LayerNorm, RMSNorm,
 Fashion-MNIST, each at its own best learning rate (and DyT/Derf at their best alpha0), with
 seeds, at several budgets.
 
-    python studies/vit_norms.py --epochs 6,24 --jobs 2 --reuse --results results/analysis
+    python studies/vit_norms.py --epochs 16,64 --jobs 2 --reuse --results results/analysis
 
 For each cell (budget, norm): an lr sweep at the first seed, extended by factors of 2 past an
 edge winner; for DyT-like norms then an alpha0 grid at that lr; then the other seeds at the
@@ -32,6 +32,7 @@ import train_common as tc  # noqa: E402
 from analyze import AnalysisError, floats, pyplot, save_figure, write_table  # noqa: E402
 from dyt import NORMS, is_dynamic, make_norm  # noqa: E402
 from studies.gpt_norms import Study, listed, seeds_of  # noqa: E402
+from train_vit import ViTTrainConfig  # noqa: E402
 
 
 def error_of(result):
@@ -174,10 +175,11 @@ def run_study(args):
 
 def build_parser():
     p = tc._Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", default="6,24", help="budgets in epochs (the default run's, and 4x it)")
+    p.add_argument("--epochs", default="16,64", help="budgets in epochs (the default run's, and 4x it)")
     p.add_argument("--norms", default="ln,rms,dyt,derf", help=f"from {', '.join(NORMS)}")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the lr sweep at the first seed")
-    p.add_argument("--alpha0", type=float, default=1.0, help="DyT-like norms' alpha0 during the lr sweep")
+    p.add_argument("--alpha0", type=float, default=ViTTrainConfig().model.alpha0,
+                   help="DyT-like norms' alpha0 during the lr sweep (default: the trainer's)")
     p.add_argument("--alpha0s", default="0.5,2", help="DyT-like norms: more alpha0 at the best lr")
     p.add_argument("--seeds", default="0,1,2", help="the first sweeps lr and alpha0")
     p.add_argument("--seed_epochs", default="", help="budgets where every seed runs (default: all)")
