@@ -241,6 +241,57 @@ def probe_loss(model, x, targets, autocast):
     return loss.item()
 
 
+def soft_targets(x, y, rng, cfg, classes):
+    """The batch-level augmentation, drawn from the micro-batch's own rng (see ImageLoader):
+    random erasing, then label smoothing and mixup/cutmix into soft targets."""
+    if cfg.reprob > 0:
+        x = random_erasing(x, rng, cfg.reprob)
+    targets = smooth_one_hot(y, classes, cfg.label_smoothing)
+    return mixup_cutmix(x, targets, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob)
+
+
+def probe_batch(test_set, device):
+    """A fixed batch of test images for the DyT readout (alpha against 1/std of each input)."""
+    if isinstance(test_set, InMemoryImages):
+        return test_set.batch(np.arange(min(256, len(test_set))))[0]
+    return next(iter(torch.utils.data.DataLoader(test_set, batch_size=64)))[0].to(device)
+
+
+def resume(ckpt, cfg, ema):
+    """The step to continue from out_dir's checkpoint (weights, optimizer and EMA restored)."""
+    state = ckpt.load()
+    if state.get("batch_size") != cfg.batch_size:
+        raise UserError(f"{ckpt.path} was trained with --batch_size {state.get('batch_size')}; "
+                        "resume with the same global batch (or another --out_dir)")
+    if ema is not None and state.get("ema") is not None:
+        ema.model.load_state_dict(state["ema"])
+    return state["step"]
+
+
+def eval_row(model, ema, test_set, probe, done, steps, steps_per_epoch, cfg, run, autocast):
+    """The metrics row of an evaluation: test top-1/top-5/loss (and the EMA's), the DyT
+    readout; printed in one line. The plain model, not DDP's wrapper: ranks may run different
+    numbers of eval batches."""
+    dist = run.dist
+    row = {"step": done, "epoch": done / steps_per_epoch}
+    row["test_top1"], row["test_top5"], row["test_loss"] = evaluate(model, test_set, cfg, dist, autocast)
+    if ema is not None:
+        row["ema_top1"], row["ema_top5"], row["ema_loss"] = evaluate(ema.model, test_set, cfg, dist, autocast)
+    if dist.is_main:
+        row.update(dyt_readout(model, probe, autocast))
+    ema_text = f", EMA top-1 {row['ema_top1']:.4f}" if ema is not None else ""
+    run.print(f"{'final' if done == steps else 'eval'} step {done} epoch {row['epoch']:.2f}: test top-1 "
+              f"{row['test_top1']:.4f} top-5 {row['test_top5']:.4f} loss {row['test_loss']:.4f}{ema_text}")
+    return row
+
+
+def describe(preset, mcfg, model, cfg, train_set, test_set, steps, steps_per_epoch, warmup, micro, accum, dist):
+    return (f"preset {preset}: ViT {mcfg.dim}x{mcfg.depth} norm={mcfg.norm}, {num_params(model):,} parameters; "
+            f"{cfg.dataset} {len(train_set)} train / {len(test_set)} test; {steps} steps ({steps_per_epoch}/epoch, "
+            f"warmup {warmup}) of {cfg.batch_size} images = {dist.world_size} rank(s) x {accum} micro-steps x "
+            f"{micro}; device {dist.device}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 def train(argv=None):
@@ -251,14 +302,12 @@ def train(argv=None):
     with Run(cfg) as run:
         dist, device = run.dist, run.dist.device
         autocast = tc.autocast_context(device, cfg.dtype)
-        # data, and the schedule in steps
         train_set, test_set, classes, chans = load_data(cfg, device)
         steps_per_epoch, micro, accum = batch_plan(cfg, len(train_set), dist.world_size)
         steps, warmup, warmup_note = derive_steps(cfg, steps_per_epoch, given)
         cfg.max_steps, cfg.warmup_steps = steps, warmup
-        # model: the same seed on every rank gives the same initial weights
         mcfg = cfg.model_config(classes, chans)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same seed on every rank: the same initial weights
         model = use_kernel(ViT(mcfg), cfg.kernel).to(device)
         if cfg.activation_checkpointing:
             tc.apply_activation_checkpointing(model)
@@ -269,44 +318,16 @@ def train(argv=None):
                              device, augment=augment, workers=cfg.workers)
         ckpt = run.checkpointer(model, optimizer, asdict(mcfg))
         tc.seed_everything(cfg.seed, dist.rank)
-        start = 0
-        if cfg.resume:
-            state = ckpt.load()
-            if state.get("batch_size") != cfg.batch_size:
-                raise UserError(f"{ckpt.path} was trained with --batch_size {state.get('batch_size')}; "
-                                "resume with the same global batch (or another --out_dir)")
-            if ema is not None and state.get("ema") is not None:
-                ema.model.load_state_dict(state["ema"])
-            start = state["step"]
+        start = resume(ckpt, cfg, ema) if cfg.resume else 0
         if run.finished(start, steps):
             return None
         stepped = tc.wrap_ddp(model, dist)  # what the steps run
         if cfg.compile:
             stepped = torch.compile(stepped)
-        # a fixed probe batch for the DyT readout (alpha against 1/std of each DyT's input)
-        probe = (test_set.batch(np.arange(min(256, len(test_set))))[0] if isinstance(test_set, InMemoryImages)
-                 else next(iter(torch.utils.data.DataLoader(test_set, batch_size=64)))[0].to(device))
-
-        def run_eval(done):
-            # the plain model, not DDP's wrapper: ranks may run different numbers of eval batches
-            row = {"step": done, "epoch": done / steps_per_epoch}
-            row["test_top1"], row["test_top5"], row["test_loss"] = evaluate(model, test_set, cfg, dist, autocast)
-            if ema is not None:
-                row["ema_top1"], row["ema_top5"], row["ema_loss"] = evaluate(ema.model, test_set, cfg, dist, autocast)
-            if dist.is_main:
-                row.update(dyt_readout(model, probe, autocast))
-            ema_text = f", EMA top-1 {row['ema_top1']:.4f}" if ema is not None else ""
-            run.print(f"{'final' if done == steps else 'eval'} step {done} epoch {row['epoch']:.2f}: "
-                      f"test top-1 {row['test_top1']:.4f} top-5 {row['test_top5']:.4f} loss "
-                      f"{row['test_loss']:.4f}{ema_text}")
-            return row
-
+        probe = probe_batch(test_set, device)
         if dist.is_main:
-            print(f"preset {preset}: ViT {mcfg.dim}x{mcfg.depth} norm={mcfg.norm}, "
-                  f"{num_params(model):,} parameters; {cfg.dataset} {len(train_set)} train / "
-                  f"{len(test_set)} test; {steps} steps ({steps_per_epoch}/epoch, warmup {warmup}) of "
-                  f"{cfg.batch_size} images = {dist.world_size} rank(s) x {accum} micro-steps x "
-                  f"{micro}; device {device}", flush=True)
+            print(describe(preset, mcfg, model, cfg, train_set, test_set, steps, steps_per_epoch, warmup,
+                           micro, accum, dist), flush=True)
             if warmup_note:
                 print(warmup_note, flush=True)
         final = None
@@ -316,11 +337,7 @@ def train(argv=None):
             lr = tc.set_lr(optimizer, tc.lr_at(step, cfg))
             loss_sum = torch.zeros((), device=device)
             for j, (x, y, rng) in enumerate(loader.next_step(step)):
-                # batch-level augmentation, drawn from the micro-batch's own rng (see ImageLoader)
-                if cfg.reprob > 0:
-                    x = random_erasing(x, rng, cfg.reprob)
-                targets = smooth_one_hot(y, classes, cfg.label_smoothing)
-                x, targets = mixup_cutmix(x, targets, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob)
+                x, targets = soft_targets(x, y, rng, cfg, classes)
                 with tc.grad_sync(stepped, j == accum - 1):
                     with autocast:
                         loss = soft_cross_entropy(stepped(x), targets) / accum
@@ -341,7 +358,7 @@ def train(argv=None):
             if cfg.dyt_std_interval and done % cfg.dyt_std_interval == 0 and dist.is_main:
                 run.log({"step": done, **dyt_readout(model, probe, autocast)})
             if run.due(done, cfg.eval_interval or steps_per_epoch):
-                final = run_eval(done)
+                final = eval_row(model, ema, test_set, probe, done, steps, steps_per_epoch, cfg, run, autocast)
                 run.log(final)
             if run.save_due(done):
                 ckpt.save(done, probe_loss(model, x, targets, autocast), batch_size=cfg.batch_size,
