@@ -75,14 +75,6 @@ def bytes_copy(n_elements, elem_bytes):
     return 2 * n_elements * elem_bytes
 
 
-def bytes_moved(direction, n_elements, elem_bytes):
-    if direction == "fwd":
-        return bytes_forward(n_elements, elem_bytes)
-    if direction == "fwd+bwd":
-        return bytes_forward_backward(n_elements, elem_bytes)
-    raise ValueError(f"unknown direction {direction!r}")
-
-
 def bandwidth_gbps(n_bytes, ms):
     """GB/s (10^9 bytes per second) for n_bytes moved in ms milliseconds."""
     return n_bytes / (ms * 1e-3) / 1e9
@@ -120,11 +112,6 @@ def quantile(values, q):
 
 def time_call(fn, device):
     return time_cuda(fn) if device.type == "cuda" else time_cpu(fn)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,31 +45,28 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import (DTYPES, EPS, Unavailable, bandwidth_gbps, build_compiled,  # noqa: E402
-                   build_plain, bytes_moved, check,
+                   build_plain, bytes_forward, bytes_forward_backward, check,
                    device_tag, environment, l2_bytes, load_kernel, make_buffers, measure_copy_bandwidth,
-                   nan_poisoned, quantile, random_params, synchronize, time_call, tolerance)
+                   nan_poisoned, quantile, random_params, time_call, tolerance)
 from dyt import use_kernel  # noqa: E402
 from model import GPT, ViT, GPT_PRESETS, gpt_config, vit_config  # noqa: E402
 
 
-# ---------------------------------------------------------------------------------------------
-# Bytes that must move through memory: pure functions, unit-tested against hand arithmetic.
+def bytes_moved(direction, n_elements, elem_bytes):
+    if direction == "fwd":
+        return bytes_forward(n_elements, elem_bytes)
+    if direction == "fwd+bwd":
+        return bytes_forward_backward(n_elements, elem_bytes)
+    raise ValueError(f"unknown direction {direction!r}")
 
 
-
-
-
-
-
-
-
-
-
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
 # Timers. Both return the 20th, 50th and 80th percentile of the per-call time in ms.
-
 
 
 def time_cuda_graph(fn, calls_per_graph, replays=20):
@@ -102,26 +99,11 @@ def time_cuda_graph(fn, calls_per_graph, replays=20):
     return tuple(quantile(times, q) for q in (0.2, 0.5, 0.8))
 
 
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # The layers compared. Each builder takes (channels, dtype, device) and returns
 # (fn, params): fn(x) -> y, and the parameters in the order of the reference of its kind:
 # DyT [alpha, gamma, beta], LayerNorm [weight, bias], RMSNorm [weight].
 # A builder raises Unavailable(reason) when it cannot run here.
-
-
-
-
-
-
-
 
 
 def build_fused(kind="dyt", tanh="auto", bwd_stages=None):
@@ -166,12 +148,6 @@ def kernel_options(fn):
 
 
 build_fused_dyt = build_fused("dyt")
-
-
-
-
-
-
 
 
 def build_module(factory, kind, names):
@@ -257,22 +233,6 @@ def shape_sets(device, vit_batch, only, full=False):
             "gpt": [(8 * 256, 384)],  # studies/nanogpt_speed.py's shape: 8 x 256 tokens, 384 wide
         }
     return {k: v for k, v in sets.items() if k in only}
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def bench_kernels(args, device, record=lambda row: None):
@@ -842,11 +802,6 @@ def format_memory_row(r):
 
 # ---------------------------------------------------------------------------------------------
 # Environment, output files, command line
-
-
-
-
-
 
 
 def write_results(out_dir, stem, env, result, header, lines, title, json_too=True):
