@@ -70,13 +70,13 @@ class Dynamic(nn.Module):
         return (self.per_channel(self.alpha, x) if self.alpha.numel() > 1 else self.alpha) * x
 
     def affine(self, y):
-        """gamma * y + beta."""
-        y = self.per_channel(self.weight, y) * y
+        """gamma * y + beta (y itself once fold_norms has moved them into the next linears)."""
+        y = self.per_channel(self.weight, y) * y if self.weight is not None else y
         return y + self.per_channel(self.bias, y) if self.bias is not None else y
 
     def on_kernel(self, x):
         """Whether kernel.py computes this call: a CUDA tensor it handles, tokens [..., C]."""
-        return (self.use_kernel and self.channels_last and x.is_cuda
+        return (self.use_kernel and self.channels_last and x.is_cuda and self.weight is not None
                 and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
     def extra_repr(self):
@@ -302,3 +302,68 @@ def convert_to_dyt(model, alpha0=0.5, name="dyt", copy_affine=True, gamma0=1.0):
             setattr(parent, child_name, new)
             count += 1
     return model, count
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding for inference. A layer whose output feeds only linear layers can hand them its affine:
+# W (gamma * f(x) + beta) + b = (W diag(gamma)) f(x) + (W beta + b), exactly (FlashNorm,
+# arXiv 2407.09577, for RMSNorm). The layer is left computing f(x) alone: tanh(alpha x),
+# erf(alpha x + s), or the normalisation. alpha stays where it is: tanh(alpha x) is not linear
+# in alpha, so no fold of it is exact.
+
+# Where a norm's output goes in layouts known by name: (the norm's name, the linears that read
+# it, named from the norm's parent). A model can say it itself with a norm_consumers() method
+# ({norm name: [linear names]}), as model.GPT and model.ViT do.
+CONSUMERS_BY_NAME = [
+    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),  # Hugging Face
+    ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),                     # LLaMA
+    ("norm1", ["attn.qkv"]), ("norm2", ["mlp.fc1"]),                                    # timm's ViT
+]
+FINAL_BY_NAME = {"model.norm": ["lm_head"], "norm": ["head"]}  # the final norm, before the head
+
+
+def norm_consumers(model):
+    """{norm layer name: [names of the linear layers that read its output, and nothing else]}."""
+    if hasattr(model, "norm_consumers"):
+        return model.norm_consumers()
+    modules = dict(model.named_modules())
+    out = {}
+    for name in modules:
+        parent, _, leaf = name.rpartition(".")
+        rules = [(r, lins) for r, lins in CONSUMERS_BY_NAME if r == leaf]
+        rules += [(name, lins) for n, lins in FINAL_BY_NAME.items() if n == name]
+        for _, linears in rules:
+            full = [f"{parent}.{l}" if parent and name not in FINAL_BY_NAME else l for l in linears]
+            if all(isinstance(modules.get(f), nn.Linear) for f in full):
+                out[name] = full
+    return out
+
+
+@torch.no_grad()
+def fold_norms(model):
+    """Move the affine (gamma, beta) of every DyT-like layer and LayerNorm/RMSNorm whose output
+    feeds only linear layers into those linears, in place (for inference: the model is not
+    meant to train on afterwards). Returns (folded, left): the layer names folded, and those
+    left as they were (no known consumers, e.g. a norm that feeds a residual directly)."""
+    modules = dict(model.named_modules())
+    consumers = norm_consumers(model)
+    folded, left = [], []
+    for name, layer in modules.items():
+        if not (isinstance(layer, Dynamic) or _norm_kind(layer)) or getattr(layer, "weight", None) is None:
+            continue
+        if name not in consumers:
+            left.append(name)
+            continue
+        gamma, beta = layer.weight, getattr(layer, "bias", None)
+        for lin in (modules[n] for n in consumers[name]):
+            shift = lin.weight @ beta.to(lin.weight.dtype) if beta is not None else None
+            lin.weight.mul_(gamma.to(lin.weight.dtype))
+            if shift is not None and lin.bias is None:
+                lin.bias = nn.Parameter(shift)
+            elif shift is not None:
+                lin.bias.add_(shift)
+        layer.weight = None
+        if beta is not None:
+            layer.bias = None
+        folded.append(name)
+    return folded, left

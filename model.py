@@ -173,6 +173,13 @@ class ViT(nn.Module):
             elif hasattr(m, "reset_parameters") and not isinstance(m, (nn.Linear, ViT)):
                 m.reset_parameters()  # conv patch embedding, norms, DyT
 
+    def norm_consumers(self):
+        """{norm: the linears that read it} (dyt.fold_norms): the pooling before the head is
+        linear (a token or a mean), so the final norm folds into the head too."""
+        out = {f"blocks.{i}.norm1": [f"blocks.{i}.attn.qkv"] for i in range(len(self.blocks))}
+        out.update({f"blocks.{i}.norm2": [f"blocks.{i}.mlp.0"] for i in range(len(self.blocks))})
+        return {**out, **({"norm": ["head"]} if isinstance(self.head, nn.Linear) else {})}
+
     def features(self, x):
         """The final-norm output of every token, [B, T, dim]."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
@@ -369,12 +376,19 @@ class GPTAttention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, cache=None):
+        """cache (sampling): a dict holding the keys and values of the tokens before x, which
+        this call extends; x is then the whole prompt (an empty cache) or one new token."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), rope).transpose(1, 2)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # causal over the prompt; one new token sees every cached one
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -401,8 +415,8 @@ class GPTBlock(nn.Module):
         self.mlp_norm = norm(alpha_other)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden())
 
-    def forward(self, x, rope):
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x, rope, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -461,18 +475,19 @@ class GPT(nn.Module):
         self.rope = rope_rotation(cfg.dim // cfg.n_head, cfg.block_size, cfg.rope_theta,
                                   device=self.head.weight.device)
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", caches=None, pos=0):
         """Logits [B, T, vocab]; with targets also the cross-entropy (targets -1 are ignored;
-        reduction 'sum' lets a trainer normalise by a global token count)."""
+        reduction 'sum' lets a trainer normalise by a global token count). caches (sampling):
+        one dict per block for its keys and values, idx then starting at position pos."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}")
+        if pos + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.cfg.block_size}")
         x = self.tok_emb(idx)
         if self.emb_scale is not None:
             x = x * self.emb_scale
-        rope = self.rope[:T]
-        for block in self.blocks:
-            x = block(x, rope)
+        rope = self.rope[pos:pos + T]
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, caches[i] if caches is not None else None)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
@@ -480,11 +495,31 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=reduction)
         return logits, loss
 
+    def norm_consumers(self):
+        """{norm: the linears that read it} (dyt.fold_norms)."""
+        out = {"norm": ["head"]}
+        for i in range(len(self.blocks)):
+            out[f"blocks.{i}.attn_norm"] = [f"blocks.{i}.attn.{w}" for w in ("wq", "wk", "wv")]
+            out[f"blocks.{i}.mlp_norm"] = [f"blocks.{i}.mlp.{w}" for w in ("w1", "w3")]
+        return out
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx [B, T]. temperature 0 is greedy."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=True):
+        """Append max_new_tokens sampled tokens to idx [B, T]. temperature 0 is greedy.
+
+        With cache, the prompt runs once and each new token alone against the cached keys and
+        values: one token's work per step instead of the whole prefix's. Past block_size the
+        window slides, and the rotary positions of cached keys would no longer be the window's:
+        from there each step runs the last block_size tokens whole, as without the cache."""
+        caches = None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size:])
+            if not cache or idx.size(1) > self.cfg.block_size:
+                logits, _ = self(idx[:, -self.cfg.block_size:])
+            elif caches is None:  # the prompt
+                caches = [{} for _ in self.blocks]
+                logits, _ = self(idx, caches=caches)
+            else:
+                logits, _ = self(idx[:, -1:], caches=caches, pos=idx.size(1) - 1)
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_tok = logits.argmax(dim=-1, keepdim=True)
