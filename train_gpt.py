@@ -5,6 +5,7 @@ Pretrain the LLaMA-style GPT of model.py with RMSNorm (--norm rms), DyT (--norm 
     python train_gpt.py --norm dyt                  # CPU, a few minutes, built-in corpus
     torchrun --nproc_per_node=8 train_gpt.py --preset llama7b --data data/fineweb_edu ...
     python train_gpt.py sample --ckpt out/gpt_dyt/ckpt.pt --prompt "The " --top_k 50
+    python train_gpt.py eval --ckpt out/gpt_dyt --data data/pydocs   # any checkpoint, any corpus
 
 The recipe is the DyT paper's LLaMA one: AdamW (0.9, 0.95), weight decay 0.1 on matrices
 only, clipping at 1.0, linear warmup then cosine to 10% of the peak lr. The global batch is
@@ -19,12 +20,13 @@ import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
 
 import data as data_lib
 import train_common as tc
-from dyt import is_dynamic, use_kernel
+from dyt import fold_norms, is_dynamic, use_kernel
 from model import GPT, GPT_PRESETS, GPTConfig, num_params
 from run import Run
 from train_common import UserError
@@ -206,13 +208,13 @@ def probe_loss(model, x, y, autocast):
     return loss.item()
 
 
-def generate_text(model, enc, prompt, n_tokens, temperature, top_k, device, seed=0):
+def generate_text(model, enc, prompt, n_tokens, temperature, top_k, device, seed=0, cache=True):
     """Sample from the model; every rank gets the same text (needed under FSDP)."""
     ids = enc.encode_ordinary(prompt) if prompt else [data_lib.eot_of(enc) or 10]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     g_state = torch.get_rng_state()
     torch.manual_seed(seed)  # same draws on every rank
-    out = model.generate(idx, n_tokens, temperature=temperature, top_k=top_k or None)
+    out = model.generate(idx, n_tokens, temperature=temperature, top_k=top_k or None, cache=cache)
     torch.set_rng_state(g_state)
     return enc.decode(out[0].tolist())
 
@@ -326,35 +328,98 @@ def train(argv=None):
         return val_loss
 
 
+def load_gpt(path, device="cpu"):
+    """(model in eval mode, the checkpoint's extra state) from a train_gpt.py checkpoint: a
+    ckpt.pt, an FSDP2-sharded directory (read into one process: DCP reshards), or the out_dir
+    holding either."""
+    from checkpoint import find_sharded, load_checkpoint, load_into
+    if os.path.isdir(path) and not find_sharded(path):
+        path = next((p for p in (os.path.join(path, "ckpt.pt"), os.path.join(path, "ckpt_dcp"))
+                     if os.path.isfile(p) or find_sharded(p)), os.path.join(path, "ckpt.pt"))
+    sharded = find_sharded(path) if os.path.isdir(path) else None
+    state = load_checkpoint(os.path.join(sharded, "extra.pt") if sharded else path,
+                            missing_hint="check --ckpt (training writes out/gpt_<norm>/ckpt.pt)")
+    try:
+        model = GPT(GPTConfig(**state["model_config"]))
+    except (KeyError, TypeError):
+        raise UserError(f"{path} has no GPT model config; is it a train_gpt.py checkpoint?") from None
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        weights = {"model": model.state_dict()}
+        dcp.load(weights, checkpoint_id=sharded)
+        load_into(model, weights["model"], path)
+    else:
+        load_into(model, state["model"], path)
+    return model.to(device).eval(), state
+
+
+def inference_parser(prog, description):
+    p = tc._Parser(prog=prog, description=description)
+    p.add_argument("--ckpt", required=True, help="a ckpt.pt, an FSDP-sharded checkpoint dir, or the out_dir")
+    p.add_argument("--fold", action="store_true", help="fold each norm's affine into the next linears "
+                   "first (dyt.fold_norms: exact to rounding, one multiply-add less per layer)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    return p
+
+
 def sample(argv=None):
-    p = tc._Parser(prog="train_gpt.py sample", description="sample from a checkpoint")
-    p.add_argument("--ckpt", required=True, help="a ckpt.pt written by train_gpt.py")
+    p = inference_parser("train_gpt.py sample", "sample from a checkpoint")
     p.add_argument("--prompt", default="The ")
     p.add_argument("--max_new_tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_k", type=int, default=40)
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", type=tc._parse_bool, default=True, help="a KV cache (false: every step "
+                   "runs the whole prefix, as before; the same tokens)")
     a = p.parse_args(argv)
-    from checkpoint import load_checkpoint, load_into
-    if os.path.isdir(a.ckpt):
-        raise UserError(f"{a.ckpt} is a sharded (FSDP) checkpoint; sample from a single-file "
-                        "ckpt.pt (train without --fsdp, or convert with "
-                        "torch.distributed.checkpoint.format_utils.dcp_to_torch_save)")
-    state = load_checkpoint(a.ckpt, missing_hint="check --ckpt (training writes "
-                            "out/gpt_<norm>/ckpt.pt)")
-    try:
-        model = GPT(GPTConfig(**state["model_config"]))
-    except (KeyError, TypeError):
-        raise UserError(f"{a.ckpt} has no GPT model config; is it a train_gpt.py checkpoint?") from None
-    load_into(model, state["model"], a.ckpt)
-    model.to(a.device).eval()
+    device = tc.setup_distributed(a.device).device
+    model, state = load_gpt(a.ckpt, device)
+    if a.fold:
+        fold_norms(model)
     enc = data_lib.get_encoding(state.get("encoding", "byte"))
     for i in range(a.num_samples):
         print(generate_text(model, enc, a.prompt, a.max_new_tokens, a.temperature, a.top_k,
-                            torch.device(a.device), a.seed + i))
+                            device, a.seed + i, cache=a.cache))
         print("-" * 60)
+
+
+def evaluate_checkpoint(argv=None):
+    """`train_gpt.py eval`: the val loss and bits per byte of any checkpoint on any prepared
+    corpus of the same encoding, the first --tokens of its validation split, exactly as the
+    trainer evaluates (under torchrun each rank takes its share)."""
+    p = inference_parser("train_gpt.py eval", "a checkpoint's val loss and bits per byte on a corpus")
+    p.add_argument("--data", default="", help="a prepared directory or 'default' (default: the run's own)")
+    p.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's --eval_tokens)")
+    p.add_argument("--batch", type=int, default=0, help="sequences per forward (default: the run's "
+                   "micro batch, so that the sums are the trainer's, bit for bit)")
+    a = p.parse_args(argv)
+    for flag in ("tokens", "batch"):
+        tc.need(getattr(a, flag) >= 0, flag, getattr(a, flag), ">= 0 (0: the run's own)")
+    dist = tc.setup_distributed(a.device)
+    try:
+        model, state = load_gpt(a.ckpt, dist.device)
+        run_cfg = state.get("train_config", {})
+        data = a.data or run_cfg.get("data", "default")
+        _, _, val = load_data(data, dist)
+        trained_on = state.get("encoding", "byte")
+        if val.encoding != trained_on or val.vocab_size > model.cfg.vocab_size:
+            raise UserError(f"{data} is encoded with {val.encoding} (vocab {val.vocab_size}) but the checkpoint "
+                            f"was trained with {trained_on} (vocab {model.cfg.vocab_size}); prepare the corpus "
+                            f"with --encoding {trained_on}")
+        if a.fold:
+            fold_norms(model)
+        cfg = SimpleNamespace(model=model.cfg, eval_tokens=a.tokens or run_cfg.get("eval_tokens", 10 ** 9),
+                              micro_batch=a.batch or run_cfg.get("micro_batch") or 16)
+        autocast = tc.autocast_context(dist.device, run_cfg.get("dtype", "auto"))
+        loss, bpb = evaluate(model, val, cfg, dist, autocast)
+        if dist.is_main:
+            print(f"{a.ckpt}: val loss {loss:.4f} nats ({bpb:.4f} bits/byte) on {data}, "
+                  f"{min(cfg.eval_tokens, val.n_tokens):,} tokens at most{' (folded)' if a.fold else ''}")
+        return loss, bpb
+    finally:
+        if dist.initialized_here:
+            tc.teardown_distributed()
 
 
 def main(argv=None):
@@ -363,6 +428,8 @@ def main(argv=None):
         raise UserError("data preparation is one command now: python prepare_data.py " + " ".join(argv))
     if argv and argv[0] == "sample":
         return sample(argv[1:])
+    if argv and argv[0] == "eval":
+        return evaluate_checkpoint(argv[1:])
     return train(argv)
 
 

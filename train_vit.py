@@ -4,6 +4,7 @@ DyT paper's ImageNet recipes.
 
     python train_vit.py --norm dyt              # small ViT on Fashion-MNIST, a few CPU minutes
     python train_vit.py --norm ln               # the LayerNorm baseline
+    python train_vit.py eval --ckpt out/vit_dyt # a checkpoint's test top-1/top-5/loss
     torchrun --nproc_per_node=8 train_vit.py --preset vit_b_in1k --data_dir /data/imagenet
 
 The recipe is the DyT paper's (ConvNeXt's codebase): AdamW, linear warmup then cosine, label
@@ -19,6 +20,7 @@ train_common.py, a run's safety in run.py, its checkpoints in checkpoint.py.
 import copy
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
@@ -31,7 +33,7 @@ from run import Run
 from train_common import UserError
 from augment import augment_images, mixup_cutmix, random_erasing, smooth_one_hot
 from data_vision import DATASETS, ImageLoader, InMemoryImages
-from dyt import use_kernel
+from dyt import fold_norms, use_kernel
 from model import ViT, ViTConfig, VIT_PRESETS, dyt_layers, num_params
 
 # A run shorter than twice its warmup would spend most of itself (or all of it) below the peak
@@ -367,7 +369,51 @@ def train(argv=None):
         return final
 
 
+def evaluate_checkpoint(argv=None):
+    """`train_vit.py eval`: a checkpoint's test top-1, top-5 and loss on its dataset's test set,
+    exactly as the trainer evaluates (under torchrun each rank takes its share)."""
+    from checkpoint import load_checkpoint, load_into
+    p = tc._Parser(prog="train_vit.py eval", description="a checkpoint's test top-1/top-5/loss")
+    p.add_argument("--ckpt", required=True, help="a ckpt.pt written by train_vit.py, or its out_dir")
+    p.add_argument("--data_dir", default="", help="where the dataset is (default: where it trained)")
+    p.add_argument("--ema", action="store_true", help="the EMA weights (runs with --ema_decay)")
+    p.add_argument("--fold", action="store_true", help="fold each norm's affine into the next linears first")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    a = p.parse_args(argv)
+    path = os.path.join(a.ckpt, "ckpt.pt") if os.path.isdir(a.ckpt) else a.ckpt
+    state = load_checkpoint(path, missing_hint="check --ckpt (training writes out/vit_<norm>/ckpt.pt)")
+    if "patch_size" not in state.get("model_config", {}):
+        raise UserError(f"{path} has no ViT model config; is it a train_vit.py checkpoint?")
+    if a.ema and state.get("ema") is None:
+        raise UserError(f"{path} holds no EMA weights (the run had --ema_decay 0); drop --ema")
+    run_cfg = state.get("train_config", {})
+    cfg, _, _ = tc.parse_config(ViTTrainConfig, PRESETS, [], default_preset="fashion_mnist")
+    for k in ("dataset", "eval_batch", "workers", "download", "randaug_n", "randaug_m"):
+        setattr(cfg, k, run_cfg.get(k, getattr(cfg, k)))
+    cfg.data_dir = a.data_dir or run_cfg.get("data_dir", "")
+    cfg.model = ViTConfig(**state["model_config"])
+    dist = tc.setup_distributed(a.device)
+    try:
+        _, test_set, _, _ = load_data(cfg, dist.device)
+        model = ViT(cfg.model)
+        load_into(model, state["ema"] if a.ema else state["model"], path)
+        model.to(dist.device).eval()
+        if a.fold:
+            fold_norms(model)
+        top1, top5, loss = evaluate(model, test_set, cfg, dist, tc.autocast_context(dist.device, run_cfg.get("dtype", "auto")))
+        if dist.is_main:
+            print(f"{a.ckpt}: test top-1 {top1:.4f} top-5 {top5:.4f} loss {loss:.4f} on {cfg.dataset} "
+                  f"({len(test_set)} images){' (folded)' if a.fold else ''}")
+        return top1, top5, loss
+    finally:
+        if dist.initialized_here:
+            tc.teardown_distributed()
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "eval":
+        return evaluate_checkpoint(argv[1:])
     return train(argv)
 
 

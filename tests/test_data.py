@@ -213,6 +213,11 @@ def test_prepare_and_train_with_a_hugging_face_tokenizer(tmp_path, capsys):
     train_gpt.main(["sample", "--ckpt", str(run / "ckpt.pt"), "--prompt", "the quick", "--max_new_tokens", "5",
                     "--device", "cpu"])
     assert capsys.readouterr().out.startswith("the quick")
+    # eval on a corpus of another encoding: one line naming both
+    with pytest.raises(SystemExit):
+        main_guard(train_gpt.main, ["eval", "--ckpt", str(run), "--data", "default"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "encoded with byte" in err and f"hf:{tok_path}" in err, err
     # a token cap stops a (streamed) corpus early
     capped = tmp_path / "capped"
     main_guard(prepare_data.main, ["prepare", "--input", str(src), "--encoding", f"hf:{tok_path}",

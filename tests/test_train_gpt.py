@@ -280,3 +280,46 @@ def test_kernel_switch_reaches_every_dyt_layer():
         model = train_gpt.build_model(train_gpt.model_config(cfg, 256), cfg, SimpleNamespace(device=torch.device("cpu")))
         layers = [m for m in model.modules() if isinstance(m, Dynamic)]
         assert len(layers) == 9 and all(m.use_kernel is on for m in layers), flags
+
+
+def val_losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+def test_eval_equals_the_trainers_final_val_loss(reference, tmp_path, capsys):
+    """`train_gpt.py eval` on the run's own corpus and tokens gives the trainer's last val loss,
+    folded or not (to rounding), from the out_dir or the ckpt.pt, and under torchrun."""
+    ref_dir, _ = reference
+    final = val_losses(ref_dir)[-1]
+    loss, bpb = train_gpt.main(["eval", "--ckpt", str(ref_dir), "--device", "cpu"])
+    assert loss == pytest.approx(final, rel=1e-12) and bpb > 0
+    assert "val loss" in capsys.readouterr().out
+    folded, _ = train_gpt.main(["eval", "--ckpt", str(ref_dir / "ckpt.pt"), "--fold", "--device", "cpu"])
+    assert folded == pytest.approx(final, rel=1e-6)
+    fewer, _ = train_gpt.main(["eval", "--ckpt", str(ref_dir), "--tokens", "256", "--batch", "1"])
+    assert fewer != final  # the first 256 tokens only
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train_gpt.py"), "eval", "--ckpt", str(ref_dir)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("val loss") == 1 and f"val loss {final:.4f}" in p.stdout, p.stdout
+
+
+def test_eval_reads_a_sharded_checkpoint(tmp_path):
+    torchrun(tmp_path, "--norm", "dyt", "--max_steps", "3", "--fsdp", "--ckpt_interval", "3")
+    assert os.path.isfile(tmp_path / "ckpt_dcp" / ".metadata")
+    loss, _ = train_gpt.main(["eval", "--ckpt", str(tmp_path), "--device", "cpu"])
+    assert loss == pytest.approx(val_losses(tmp_path)[-1], rel=1e-5)
+
+
+def test_eval_and_sample_bad_input_is_one_line(reference, tmp_path, capsys):
+    ref_dir, _ = reference
+    for argv, needle in ((["eval", "--ckpt", str(tmp_path / "nope")], "no checkpoint"),
+                         (["eval", "--ckpt", str(ref_dir), "--data", str(tmp_path / "nodata")], "no data directory"),
+                         (["eval", "--ckpt", str(ref_dir), "--tokens", "-1"], "--tokens")):
+        with pytest.raises(SystemExit):
+            tc.main_guard(train_gpt.main, argv)
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)

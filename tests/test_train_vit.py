@@ -192,3 +192,22 @@ def test_real_fashion_mnist_short_run(tmp_path):
     train_vit.main(["--dim", "32", "--depth", "2", "--heads", "2", "--max_steps", "30",
                     "--warmup_steps", "3", "--eval_batch", "1000", "--out_dir", str(tmp_path)])
     assert final_eval(tmp_path)["test_top1"] > 0.15
+
+
+def test_eval_equals_the_trainers_final_evaluation(idx_dir, tmp_path, capsys):
+    """`train_vit.py eval` gives the trainer's last test top-1/top-5/loss for its checkpoint,
+    folded too (to rounding); bad input is one line."""
+    run(idx_dir, tmp_path, "--max_steps", "6", "--ckpt_interval", "0")
+    final = final_eval(tmp_path)
+    top1, top5, loss = train_vit.main(["eval", "--ckpt", str(tmp_path), "--device", "cpu"])
+    assert (top1, top5) == (final["test_top1"], final["test_top5"])
+    assert loss == pytest.approx(final["test_loss"], rel=1e-12)
+    assert "test top-1" in capsys.readouterr().out
+    f1, _, floss = train_vit.main(["eval", "--ckpt", str(tmp_path / "ckpt.pt"), "--fold"])
+    assert floss == pytest.approx(final["test_loss"], rel=1e-5)
+    for argv, needle in ((["eval", "--ckpt", str(tmp_path / "none")], "no checkpoint"),
+                         (["eval", "--ckpt", str(tmp_path), "--ema"], "holds no EMA weights")):
+        with pytest.raises(SystemExit):
+            tc.main_guard(train_vit.main, argv)
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
