@@ -9,6 +9,7 @@ a picture each (PNG; matplotlib is optional: without it the tables are still wri
     python analyze.py alpha0          --model gpt --alpha0_attn 0.5,1,2 --alpha0_other 0.5,1,2
     python analyze.py robustness      --ckpt out/vit_ln --ckpt out/vit_dyt   # ViT study sec. 6
     python analyze.py representations --ckpt out/vit_ln --ckpt out/vit_dyt   # secs. 7-8
+    python analyze.py curves --run out/gpt_dyt --run out/gpt_rms --x tokens  # any runs, as curves
 
 This project's own studies (each norm at its best lr across widths and budgets, the gamma-1
 stall) are in studies/gpt_norms.py.
@@ -974,7 +975,113 @@ def cmd_representations(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Command line
+# 9. Curves: runs (and seed groups) compared along training, from their metrics.jsonl
+
+
+CURVE_METRICS = {"gpt": ("val_loss", "loss"), "vit": ("test_top1", "loss")}  # (evaluated, train)
+
+
+def run_curves(run_dir, x):
+    """{metric: [(x, value), ...]} of one run, x in steps, tokens or epochs; None if the run
+    has no metrics.jsonl. Tokens come from the logged tokens per step (GPT runs)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kind = "gpt" if any("val_loss" in r for r in rows) else "vit"
+    per_step = {"step": 1.0}
+    if x == "tokens":
+        tok = next((r["tokens"] / r["step"] for r in rows if "tokens" in r and r.get("step")), None)
+        if tok is None:
+            raise AnalysisError(f"{run_dir} logs no tokens (a ViT run?); use --x step or epoch")
+        per_step["tokens"] = tok
+    if x == "epoch":
+        ep = next((r["epoch"] / r["step"] for r in rows if "epoch" in r and r.get("step")), None)
+        if ep is None:
+            raise AnalysisError(f"{run_dir} logs no epochs (a GPT run?); use --x step or tokens")
+        per_step["epoch"] = ep
+    out = {}
+    for metric in CURVE_METRICS[kind]:
+        points = {r["step"] * per_step[x]: r[metric] for r in rows if metric in r and "step" in r}
+        out[metric] = sorted(points.items())  # a resumed run logs each step once; last wins
+    return out
+
+
+def group_curve(curves):
+    """(x, mean, min, max) over the runs of a group, at the x every one of them has."""
+    common = sorted(set.intersection(*[{p[0] for p in c} for c in curves]))
+    values = np.array([[dict(c)[x] for x in common] for c in curves])
+    return common, values.mean(0), values.min(0), values.max(0)
+
+
+def value_at(points, x):
+    """The value at the last logged x <= the requested one (none before the first)."""
+    before = [v for px, v in points if px <= x]
+    return before[-1] if before else math.nan
+
+
+def cmd_curves(args):
+    groups = {}
+    for text in args.group:
+        name, _, members = text.partition("=")
+        if not name or not members:
+            raise AnalysisError(f"--group {text!r}: write NAME=DIR,DIR,...")
+        groups[name] = [m for m in members.split(",") if m]
+    lines = {os.path.basename(os.path.normpath(r)): [r] for r in args.run}
+    lines.update(groups)
+    if not lines:
+        raise AnalysisError("give --run DIR (repeat) or --group NAME=DIR,DIR,...")
+    curves, no_logs = {}, []
+    for label, dirs in lines.items():
+        per_run = [(d, run_curves(d, args.x)) for d in dirs]
+        no_logs += [d for d, c in per_run if c is None]
+        have = [c for _, c in per_run if c is not None]
+        if have:
+            metrics = [m for m in have[0] if all(m in c and c[m] for c in have)]
+            curves[label] = {m: group_curve([c[m] for c in have]) for m in metrics}
+            curves[label]["runs"] = len(have)
+    for d in no_logs:
+        print(f"note: {d} has no metrics.jsonl: left out (runs recorded only in a table have no curves)")
+    if not curves:
+        raise AnalysisError("none of the runs has a metrics.jsonl; give train_gpt.py/train_vit.py out_dirs")
+    metrics = [m for m in dict.fromkeys(m for c in curves.values() for m in c if m != "runs")]
+    xs = floats(args.at, "--at") if args.at else sorted({x for c in curves.values() for m in metrics
+                                                         if m in c for x in c[m][0]})[-1:]
+    rows = []
+    for label, c in curves.items():
+        row = {"run": label, "runs": c["runs"]}
+        for m in metrics:
+            for x in xs:
+                if m in c:
+                    row[f"{m} @ {x:g}"] = round(float(value_at(list(zip(c[m][0], c[m][1])), x)), 4)
+        rows.append(row)
+    name = f"curves{args.tag}"
+    write_table(rows, args.results, name, f"Curves by {args.x}: each metric at the last logged {args.x} <= "
+                f"the column's (groups: the mean over their runs){'; no logs: ' + ', '.join(no_logs) if no_logs else ''}")
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            for label, c in curves.items():
+                if m not in c:
+                    continue
+                x, mean, lo, hi = c[m]
+                line, = ax.plot(x, mean, label=f"{label} (n={c['runs']})" if c["runs"] > 1 else label)
+                if c["runs"] > 1:
+                    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel(args.x)
+            ax.set_ylabel(m)
+            if args.x == "tokens" or args.log_x:
+                ax.set_xscale("log")
+            ax.legend(fontsize=7)
+        fig.suptitle("mean over each group's runs, band from min to max", fontsize=9)
+        save_figure(fig, args.results, name)
+    return rows, no_logs
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Command line
 
 
 class OneLineParser(tc._Parser):
@@ -1041,6 +1148,13 @@ def build_parser():
     p.add_argument("--layers", default="", help="names or indices, comma-separated (default: paper: "
                    "the first norm of the blocks at 1/4 and 2/3 of the depth; all_layers: all)")
 
+    p = common(sub.add_parser("curves", help="runs and seed groups as curves along training"), data=False)
+    p.add_argument("--run", action="append", default=[], help="a run's out_dir (repeat)")
+    p.add_argument("--group", action="append", default=[], help="NAME=DIR,DIR,...: their mean and band")
+    p.add_argument("--x", choices=["step", "tokens", "epoch"], default="step")
+    p.add_argument("--at", default="", help="x values for the table (default: the last)")
+    p.add_argument("--log_x", action="store_true", help="a log x axis")
+
     p = common(sub.add_parser("representations", help="effective rank, CKA, gradient-norm ratios"))
     p.add_argument("--ckpt", action="append", required=True, help="one, or two to compare")
     p.add_argument("--n", type=int, default=256)
@@ -1054,7 +1168,7 @@ def cmd_moved(args):
                         f"python studies/gpt_norms.py {args.command} ... (its flags: --help there)")
 
 
-COMMANDS = {"s_curves": cmd_s_curves, "alpha_std": cmd_alpha_std, "ablations": cmd_ablations,
+COMMANDS = {"curves": cmd_curves, "s_curves": cmd_s_curves, "alpha_std": cmd_alpha_std, "ablations": cmd_ablations,
             "alpha0": cmd_alpha0, "norms": cmd_moved, "saturation": cmd_moved,
             "robustness": cmd_robustness, "representations": cmd_representations}
 

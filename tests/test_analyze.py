@@ -303,3 +303,27 @@ def test_training_sweeps_write_under_their_tag(tmp_path, monkeypatch):
                   "--results", str(tmp_path)])
     names = {p.name.split(".")[0] for p in tmp_path.iterdir()}
     assert names == {"ablations_mine", "alpha0_vit_mine", "alpha0_gpt_mine"}, names
+
+
+def test_curves_of_runs_and_groups(runs, tmp_path, capsys):
+    """Two runs as curves, the pair as a group (mean with a min-max band), a table at chosen
+    points; a run without logs is named and left out."""
+    vit_ln, vit_dyt = str(runs / "vit_ln"), str(runs / "vit_dyt")
+    rows, no_logs = analyze.main(["curves", "--run", vit_ln, "--run", vit_dyt, "--run", str(tmp_path / "gone"),
+                                  "--group", f"both={vit_ln},{vit_dyt}", "--at", "6,12",
+                                  "--results", str(tmp_path)])
+    outputs(tmp_path, "curves")
+    assert no_logs == [str(tmp_path / "gone")] and "has no metrics.jsonl" in capsys.readouterr().out
+    by = {r["run"]: r for r in rows}
+    assert set(by) == {"vit_ln", "vit_dyt", "both"} and by["both"]["runs"] == 2
+    logged = {r["step"]: r["loss"] for r in analyze.read_log(vit_ln) if "loss" in r}
+    assert by["vit_ln"]["loss @ 6"] == round(logged[6], 4)
+    assert by["both"]["loss @ 12"] == pytest.approx((by["vit_ln"]["loss @ 12"] + by["vit_dyt"]["loss @ 12"]) / 2, abs=1e-4)
+    assert "test_top1 @ 12" in by["vit_ln"]
+    rows, _ = analyze.main(["curves", "--run", str(runs / "gpt_dyt"), "--x", "tokens", "--results", str(tmp_path),
+                            "--tag", "_gpt"])
+    assert any(k.startswith("val_loss @ ") for k in rows[0])
+    with pytest.raises(tc.UserError, match="logs no tokens"):
+        analyze.main(["curves", "--run", vit_ln, "--x", "tokens", "--results", str(tmp_path)])
+    with pytest.raises(tc.UserError, match="none of the runs has a metrics.jsonl"):
+        analyze.main(["curves", "--run", str(tmp_path / "gone"), "--results", str(tmp_path)])
