@@ -33,9 +33,10 @@ class Checkpointer:
     directory ckpt_dcp when sharded). `last` is the newest checkpoint known good: the one a
     divergence or a crash names."""
 
-    def __init__(self, path, model, optimizer, dist, guard, model_config, sharded=False):
+    def __init__(self, path, model, optimizer, dist, guard, model_config, sharded=False, keep=()):
         self.path, self.model, self.optimizer, self.dist = path, model, optimizer, dist
         self.guard, self.model_config, self.sharded = guard, model_config, sharded
+        self.keep = set(keep)  # steps whose checkpoint is also kept as <stem>_step<N> (--keep_ckpts)
         self.last = None
 
     def save(self, step, probe_loss, **extra):
@@ -55,18 +56,30 @@ class Checkpointer:
         elif self.dist.is_main:
             save_checkpoint(self.path, {**state, "model": self.model.state_dict(),
                                         "optimizer": self.optimizer.state_dict()})
+        if step in self.keep and self.dist.is_main:
+            kept = self.kept_path(step)
+            copy = shutil.copytree if self.sharded else shutil.copyfile
+            shutil.rmtree(kept + ".tmp", ignore_errors=True)
+            copy(self.path, kept + ".tmp")
+            (_replace_dir if self.sharded else os.replace)(kept + ".tmp", kept)
         barrier()
         self.last = self.path
         return self.path
 
-    def load(self):
+    def kept_path(self, step):
+        root, ext = os.path.splitext(self.path)
+        return f"{root}_step{step}{ext}"
+
+    def load(self, path=None):
         """Restore the model, optimizer, guard and (at the same world size) each rank's RNG
-        from `path`; return the whole saved state (step, and what the trainer added)."""
+        from `path` (default: this run's own); return the whole saved state (step, and what
+        the trainer added)."""
+        path = path or self.path
         if self.sharded:
-            state = load_sharded(self.path, self.model, self.optimizer, self.model_config)
+            state = load_sharded(path, self.model, self.optimizer, self.model_config)
         else:
-            state = load_checkpoint(self.path, self.model_config, map_location=self.dist.device)
-            load_into(self.model, state["model"], self.path)
+            state = load_checkpoint(path, self.model_config, map_location=self.dist.device)
+            load_into(self.model, state["model"], path)
             self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older ViT: one

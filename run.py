@@ -107,8 +107,9 @@ class Run:
 
     def checkpointer(self, model, optimizer, model_config):
         """This run's Checkpointer: its path, this run's guard (whose state it saves)."""
+        self.keep = tc.keep_steps(self.cfg)
         self.ckpt = Checkpointer(self.ckpt_path, model, optimizer, self.dist, self.guard,
-                                 model_config, self.sharded)
+                                 model_config, self.sharded, self.keep)
         return self.ckpt
 
     def finished(self, start, total):
@@ -175,7 +176,8 @@ class Run:
         once per step: the signal flag is all-reduced, so that all ranks stop together."""
         self.signalled = self.signals.should_stop(self.dist.device)
         self.stopping = done == self.cfg.stop_at and done < self.total
-        return self.due(done, self.cfg.ckpt_interval) or self.stopping or self.signalled
+        return (self.due(done, self.cfg.ckpt_interval) or self.stopping or self.signalled
+                or done in getattr(self, "keep", ()))
 
     def log(self, row):
         self.logger.log(row)

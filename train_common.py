@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -89,8 +90,24 @@ class TrainConfig:
         "help": "CPU: flush subnormal floats to zero (x86 is 10-100x slower on them); "
                 "--no-flush_subnormals keeps IEEE subnormals"})
     # optimiser and schedule (the DyT paper's LLaMA recipe by default)
+    optimizer: str = field(default="adamw", metadata={
+        "choices": ["adamw", "muon"], "help": "muon: torch.optim.Muon on the blocks' matrices, AdamW "
+        "(--lr) on the rest: embeddings, head, every 1-d parameter (norm and DyT/Derf ones included)"})
+    muon_lr: float = field(default=0.02, metadata={
+        "help": "--optimizer muon: the matrices' lr (0.02 as modded-nanogpt and nanochat, momentum 0.95)"})
     lr: float = 3e-4
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "the schedule decays to lr * this"})
+    schedule: str = field(default="cosine", metadata={
+        "choices": ["cosine", "wsd"], "help": "after the warmup: cosine to the end, or wsd (warmup-"
+        "stable-decay: the peak lr, then linear to lr * min_lr_ratio over the last --decay_steps)"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: the decay's share of the run "
+                                                         "(as nanochat's warmdown), unless --decay_steps"})
+    decay_steps: int = field(default=0, metadata={"help": "wsd: the decay's steps (0: --decay_fraction)"})
+    keep_ckpts: str = field(default="", metadata={"help": "steps whose checkpoints are kept as "
+                                                  "ckpt_step<N>.pt, e.g. 450,1800 (branch from them)"})
+    branch_from: str = field(default="", metadata={
+        "help": "a kept checkpoint of a wsd run's stable phase: continue from it into this run's own "
+        "out_dir and schedule (a shorter budget's decay)"})
     warmup_steps: int = 100
     max_steps: int = field(default=0, metadata={"help": "0: derived by the trainer"})
     weight_decay: float = 0.1
@@ -260,8 +277,14 @@ def check_common(cfg):
             ("log_interval", cfg.log_interval >= 1, ">= 1"),
             ("eval_interval", cfg.eval_interval >= 0, ">= 0"),
             ("explode_factor", cfg.explode_factor == 0 or cfg.explode_factor > 1,
-             "0 (NaN check only) or above 1")):
+             "0 (NaN check only) or above 1"),
+            ("muon_lr", cfg.muon_lr > 0 and math.isfinite(cfg.muon_lr), "a positive number"),
+            ("decay_fraction", 0 <= cfg.decay_fraction <= 1, "in [0, 1]"),
+            ("decay_steps", cfg.decay_steps >= 0, ">= 0 (0: --decay_fraction of the run)")):
         need(ok, flag, getattr(cfg, flag), rule)
+    if cfg.optimizer == "muon" and cfg.fsdp:  # before a model is built, not after
+        raise UserError("--optimizer muon with --fsdp: Muon's Newton-Schulz step needs each matrix "
+                        "whole and FSDP2 shards them; drop --fsdp (DDP works) or use --optimizer adamw")
 
 
 def config_dict(cfg):
@@ -391,32 +414,135 @@ def autocast_context(device, dtype="auto"):
 # ---------------------------------------------------------------------------------------------
 # Optimisation
 
+def decay_start(cfg):
+    """The first step of a wsd schedule's decay."""
+    steps = cfg.decay_steps or round(cfg.decay_fraction * cfg.max_steps)
+    return max(cfg.max_steps - steps, cfg.warmup_steps)
+
+
 def lr_at(step, cfg):
     """Learning rate for `step` (0-based): linear warmup from lr/warmup to lr over
-    warmup_steps, then cosine from lr to min_lr_ratio * lr at max_steps (flat after)."""
+    warmup_steps; then cosine from lr to min_lr_ratio * lr at max_steps (flat after), or with
+    --schedule wsd the peak until decay_start, then linear down to min_lr_ratio * lr at the
+    last step. A wsd run's lr before its decay does not depend on its length: a shorter
+    budget can branch from a longer run's stable phase (--branch_from)."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        start = decay_start(cfg)
+        if step < start:
+            return peak
+        return peak + (floor - peak) * min((step - start + 1) / max(cfg.max_steps - start, 1), 1.0)
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer, lr):
+    """Every group at lr, times its lr_ratio (Muon's groups: --muon_lr / --lr)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
     return lr
+
+
+def keep_steps(cfg):
+    """The steps of --keep_ckpts, checked against the run: a step beyond it is one line."""
+    try:
+        steps = {int(s) for s in cfg.keep_ckpts.split(",") if s.strip()}
+    except ValueError:
+        raise UserError(f"--keep_ckpts {cfg.keep_ckpts!r}: give steps, e.g. 450,1800") from None
+    late = sorted(s for s in steps if not 0 < s <= cfg.max_steps)
+    if late:
+        raise UserError(f"--keep_ckpts {','.join(map(str, late))}: outside this {cfg.max_steps}-step run")
+    return steps
+
+
+def resume_state(ckpt, cfg):
+    """What a run continues from: its own checkpoint (--resume), or a branch's (--branch_from:
+    another run's kept checkpoint, continued under this run's schedule into this out_dir)."""
+    if cfg.resume:
+        return ckpt.load()
+    state = ckpt.load(cfg.branch_from)
+    check_branch(state, cfg, cfg.branch_from)
+    return state
+
+
+def check_branch(state, cfg, path):
+    """A branch starts from a wsd run's stable phase, before both runs' decays."""
+    src = state.get("train_config", {})
+    step = state["step"]
+    if src.get("schedule") != "wsd":
+        raise UserError(f"--branch_from {path}: that run's schedule is {src.get('schedule', 'cosine')}, "
+                        "not wsd; branch from a --schedule wsd run's kept checkpoint")
+    src_start = decay_start(SimpleNamespace(**{k: src.get(k, 0) for k in
+                                               ("decay_steps", "decay_fraction", "max_steps", "warmup_steps")}))
+    if step > src_start:
+        raise UserError(f"--branch_from {path}: step {step} is past that run's decay start ({src_start}); "
+                        "branch from a checkpoint of its stable phase")
+    if step >= cfg.max_steps or decay_start(cfg) < step:
+        raise UserError(f"--branch_from {path} is at step {step}: this run's --max_steps {cfg.max_steps} and "
+                        f"decay (from step {decay_start(cfg)}) must come after it; raise --max_steps")
+    for key in ("lr", "warmup_steps", "optimizer", "muon_lr", "min_lr_ratio", "weight_decay", "seed"):
+        if key in src and src[key] != getattr(cfg, key):
+            raise UserError(f"--branch_from {path} was trained with --{key} {src[key]}; branch with the same")
+
+
+class MuonAdamW:
+    """torch.optim.Muon on the matrices of the transformer blocks and AdamW on every other
+    parameter, stepped as one optimizer (param_groups, state, state_dict as the trainers use)."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self):
+        return {**self.adamw.state, **self.muon.state}
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        if set(state) != {"adamw", "muon"}:
+            raise UserError("the checkpoint's optimizer is AdamW alone; resume with --optimizer adamw")
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
 
 
 def build_optimizer(model, cfg, device):
     """AdamW(betas, weight_decay) over the model's param_groups (no decay on 1-d parameters:
     norm/DyT alpha, gamma, beta, biases, the embedding scale). The fused kernel, on CUDA and on
     the CPU too: there it is one pass per tensor where the default takes a dozen (the step's
-    time, measured: docs/speed.md)."""
+    time, measured: docs/speed.md). With --optimizer muon the blocks' 2-d matrices (attention
+    and MLP weights) go to torch.optim.Muon instead (Keller Jordan's lr adjustment by shape)."""
     from model import param_groups
-    groups = param_groups(unwrap(model), cfg.weight_decay)
-    groups = [g for g in groups if g["params"]]
+    module = unwrap(model)
     fused = device.type in ("cuda", "cpu")
+    if cfg.optimizer == "muon":
+        matrices = {id(p) for n, p in module.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+        muon = torch.optim.Muon([p for p in module.parameters() if id(p) in matrices], lr=cfg.muon_lr,
+                                weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="original")
+        for g in muon.param_groups:
+            g["lr_ratio"] = cfg.muon_lr / cfg.lr
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in matrices]}
+                  for g in param_groups(module, cfg.weight_decay)]
+        adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), fused=fused)
+        return MuonAdamW(muon, adamw)
+    groups = param_groups(module, cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 

@@ -274,8 +274,8 @@ def train(argv=None):
         ckpt = run.checkpointer(model, optimizer, asdict(mcfg))
         tc.seed_everything(cfg.seed, dist.rank)
         start = 0
-        if cfg.resume:
-            state = ckpt.load()
+        if cfg.resume or cfg.branch_from:
+            state = tc.resume_state(ckpt, cfg)
             start = state["step"]
             loader.load_state_dict(state["data"])
         if run.finished(start, steps):

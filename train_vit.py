@@ -260,8 +260,9 @@ def probe_batch(test_set, device):
 
 
 def resume(ckpt, cfg, ema):
-    """The step to continue from out_dir's checkpoint (weights, optimizer and EMA restored)."""
-    state = ckpt.load()
+    """The step to continue from out_dir's checkpoint, or from --branch_from's (weights,
+    optimizer and EMA restored)."""
+    state = tc.resume_state(ckpt, cfg)
     if state.get("batch_size") != cfg.batch_size:
         raise UserError(f"{ckpt.path} was trained with --batch_size {state.get('batch_size')}; "
                         "resume with the same global batch (or another --out_dir)")
@@ -320,7 +321,7 @@ def train(argv=None):
                              device, augment=augment, workers=cfg.workers)
         ckpt = run.checkpointer(model, optimizer, asdict(mcfg))
         tc.seed_everything(cfg.seed, dist.rank)
-        start = resume(ckpt, cfg, ema) if cfg.resume else 0
+        start = resume(ckpt, cfg, ema) if cfg.resume or cfg.branch_from else 0
         if run.finished(start, steps):
             return None
         stepped = tc.wrap_ddp(model, dist)  # what the steps run

@@ -323,3 +323,93 @@ def test_eval_and_sample_bad_input_is_one_line(reference, tmp_path, capsys):
             tc.main_guard(train_gpt.main, argv)
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Today's small-LM recipe: Muon on the blocks' matrices, a warmup-stable-decay schedule, branches
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    from types import SimpleNamespace
+    cfg, _, _ = tc.parse_config(train_gpt.GPTTrainConfig, train_gpt.PRESETS, ["--norm", "derf", "--optimizer", "muon"])
+    model = train_gpt.build_model(train_gpt.model_config(cfg, 256), cfg, SimpleNamespace(device=torch.device("cpu")))
+    opt = tc.build_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in opt.muon.param_groups for p in g["params"]]
+    adamw = [names[id(p)] for g in opt.adamw.param_groups for p in g["params"]]
+    assert sorted(muon + adamw) == sorted(names.values()) and not set(muon) & set(adamw)  # each exactly once
+    assert all(n.startswith("blocks.") and n.split(".")[-2] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for n in muon)
+    assert len(muon) == 4 * 7
+    for n in ("tok_emb.weight", "head.weight", "emb_scale", "norm.alpha", "norm.shift", "norm.weight",
+              "blocks.0.attn_norm.alpha"):
+        assert n in adamw, n
+    assert tc.set_lr(opt, 1e-3) == 1e-3
+    assert all(g["lr"] == pytest.approx(1e-3 * cfg.muon_lr / cfg.lr) for g in opt.muon.param_groups)
+    assert {g["lr"] for g in opt.adamw.param_groups} == {1e-3}
+
+
+def test_muon_loss_falls_and_resumes_exactly(tmp_path):
+    got = run(tmp_path / "a", "--norm", "dyt", "--optimizer", "muon", "--max_steps", "30", "--lr", "1e-2",
+              "--schedule", "wsd")
+    assert got[30] < got[1] - 1.5, got
+    first = run(tmp_path / "b", "--norm", "dyt", "--optimizer", "muon", "--max_steps", "12", "--stop_at", "5",
+                "--schedule", "wsd")
+    both = run(tmp_path / "b", "--norm", "dyt", "--optimizer", "muon", "--max_steps", "12", "--resume",
+               "--schedule", "wsd")
+    whole = run(tmp_path / "c", "--norm", "dyt", "--optimizer", "muon", "--max_steps", "12", "--schedule", "wsd")
+    assert sorted(first) == [1, 2, 3, 4, 5] and [both[s] for s in range(1, 13)] == [whole[s] for s in range(1, 13)]
+
+
+def test_muon_two_processes_match_one(tmp_path):
+    one = run(tmp_path / "one", "--norm", "dyt", "--optimizer", "muon", "--max_steps", "4")
+    two = torchrun(tmp_path / "two", "--norm", "dyt", "--optimizer", "muon", "--max_steps", "4", "--micro_batch", "0")
+    for s in range(1, 5):
+        assert two[s] == pytest.approx(one[s], rel=1e-5), s
+
+
+def test_wsd_schedule():
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(lr=1.0, min_lr_ratio=0.1, warmup_steps=2, max_steps=10, schedule="wsd",
+                          decay_fraction=0.3, decay_steps=0)
+    lrs = [tc.lr_at(s, cfg) for s in range(10)]
+    assert lrs == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.7, 0.4, 0.1])  # decay over the last 3, to 10%
+    long = SimpleNamespace(**{**vars(cfg), "max_steps": 100, "decay_steps": 3})
+    assert [tc.lr_at(s, long) for s in range(7)] == lrs[:7]  # the stable phase does not know the length
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_branch_equals_a_run_from_scratch_bitwise(tmp_path, optimizer):
+    """One long wsd run keeps its step-6 checkpoint; a branch from it that decays over 3 steps
+    is, bit for bit, the 9-step wsd run with the same decay trained from scratch."""
+    common = ["--norm", "dyt", "--schedule", "wsd", "--decay_steps", "3", "--optimizer", optimizer]
+    run(tmp_path / "long", *common, "--max_steps", "14", "--keep_ckpts", "6")
+    kept = tmp_path / "long" / "ckpt_step6.pt"
+    assert kept.is_file()
+    branch = run(tmp_path / "branch", *common, "--max_steps", "9", "--branch_from", str(kept))
+    scratch = run(tmp_path / "scratch", *common, "--max_steps", "9")
+    assert sorted(branch) == [7, 8, 9] and [branch[s] for s in (7, 8, 9)] == [scratch[s] for s in (7, 8, 9)]
+    a = ck.load_checkpoint(str(tmp_path / "branch" / "ckpt.pt"))
+    b = ck.load_checkpoint(str(tmp_path / "scratch" / "ckpt.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert val_losses(tmp_path / "branch")[-1] == val_losses(tmp_path / "scratch")[-1]
+
+
+def test_recipe_bad_combinations_are_one_line(tmp_path, capsys):
+    long = tmp_path / "long"
+    run(long, "--norm", "dyt", "--schedule", "wsd", "--decay_steps", "3", "--max_steps", "8", "--keep_ckpts", "4,7")
+    cosine = tmp_path / "cos"
+    run(cosine, "--norm", "dyt", "--max_steps", "4")
+    for argv, needle in (
+            (["--optimizer", "muon", "--fsdp"], "--optimizer muon with --fsdp"),
+            (["--preset", "llama7b", "--optimizer", "muon", "--data", "default", "--max_steps", "1"], "--optimizer muon with --fsdp"),
+            (["--keep_ckpts", "99", "--max_steps", "8"], "--keep_ckpts 99: outside this 8-step run"),
+            (["--schedule", "wsd", "--max_steps", "9", "--decay_steps", "3", "--branch_from", str(long / "ckpt_step7.pt")],
+             "past that run's decay start (5)"),
+            (["--schedule", "wsd", "--max_steps", "9", "--branch_from", str(cosine / "ckpt.pt")], "not wsd"),
+            (["--schedule", "wsd", "--max_steps", "3", "--branch_from", str(long / "ckpt_step4.pt")], "raise --max_steps"),
+            (["--schedule", "wsd", "--max_steps", "9", "--decay_steps", "3", "--lr", "1e-3",
+              "--branch_from", str(long / "ckpt_step4.pt")], "trained with --lr 0.003")):
+        with pytest.raises(SystemExit):
+            tc.main_guard(train_gpt.main, TINY + ["--norm", "dyt", "--out_dir", str(tmp_path / "x"), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)
