@@ -5,6 +5,7 @@ why the papers' gamma 1 stalls there.
 
     python studies/gpt_norms.py norms --widths 64,128 --norms rms,dyt,derf    # best lr each, seeds
     python studies/gpt_norms.py budget --data data/pydocs --widths 64 --steps 450,1800,7200
+    python studies/gpt_norms.py recipe --data data/pydocs --widths 64 --optimizers muon,adamw   # today's recipe
     python studies/gpt_norms.py saturation --norms dyt@g1,dyt,rms              # why gamma 1 stalls
 
 norms and budget: for each cell (width, budget, norm) an lr sweep at the first seed, extended
@@ -530,6 +531,139 @@ def cmd_budget(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# recipe: the budget study under today's small-LM recipe (Muon or AdamW, warmup-stable-decay),
+# every budget of one (norm, lr, seed) branched from one long run
+
+
+def branch_plan(budgets, decay_fraction):
+    """{budget: (decay steps, branch step)}: each budget decays over its last decay_fraction;
+    a shorter one branches from the longest run's checkpoint at its decay's start."""
+    return {n: (round(decay_fraction * n), n - round(decay_fraction * n)) for n in budgets}
+
+
+def recipe_rows(runs, seeds):
+    """One row per (width, optimizer, steps, norm): the cell's summary (best lr at seed 0, mean
+    and std over the seeds there) and the gap to RMSNorm under the same optimizer with its SE."""
+    cells = {}
+    for r in runs:
+        cells.setdefault((r["width"], r["optimizer"], r["steps_budget"], r["norm"]), []).append(r)
+    rows = []
+    for (width, opt, steps, spec), rs in sorted(cells.items(), key=lambda kv: kv[0][:3]):
+        summary = cell_summary(rs, seeds)
+        if summary is None:
+            continue
+        params = [r["params"] for r in rs if r.get("params")]
+        rows.append({"width": width, "optimizer": opt, "schedule": "wsd", "steps": steps,
+                     "tokens_per_param": round(steps * BATCH_TOKENS / params[0], 2) if params else "",
+                     "norm": spec, **summary})
+    base = {(r["width"], r["optimizer"], r["steps"]): r for r in rows if r["norm"] == "rms"}
+    for r in rows:
+        b = base.get((r["width"], r["optimizer"], r["steps"]))
+        if b is None or r is b:
+            continue
+        r["gap_to_rms"] = round(r["val_loss_mean"] - b["val_loss_mean"], 4)
+        if r["seeds"] > 1 and b["seeds"] > 1:
+            r["gap_se"] = round(math.sqrt(r["val_loss_std"] ** 2 / r["seeds"] + b["val_loss_std"] ** 2 / b["seeds"]), 4)
+    return rows
+
+
+def cmd_recipe(args):
+    """For each (width, optimizer, norm) and lr: one warmup-stable-decay run at the largest
+    budget that keeps its stable-phase checkpoints, and a branch from each into every smaller
+    budget's decay (bit for bit that budget's run from scratch). The lr sweep at the first
+    seed is extended past an edge winner at any budget; the other seeds run (long run and
+    branches) at each budget's best lr."""
+    data = os.path.abspath(args.data) if args.data != "default" else "default"
+    if data != "default" and not os.path.isfile(os.path.join(data, "meta.json")):
+        raise AnalysisError(f"--data {args.data} is not a prepared directory; prepare it first: "
+                            f"python prepare_data.py prepare --input /usr/share/doc/python3.11/html/_sources "
+                            f"--encoding byte --out {args.data}")
+    widths = [int(w) for w in floats(args.widths, "--widths")]
+    budgets = sorted(int(s) for s in floats(args.steps, "--steps"))
+    plan = branch_plan(budgets, args.decay_fraction)
+    warmup = round(budgets[0] * args.warmup_fraction)
+    if not 1 <= warmup <= plan[budgets[0]][1]:
+        raise AnalysisError(f"the warmup ({warmup} steps, --warmup_fraction of the smallest budget) must end "
+                            f"before its decay (step {plan[budgets[0]][1]}); lower --warmup_fraction or --decay_fraction")
+    optimizers = listed(args.optimizers)
+    for o in optimizers:
+        if o not in ("adamw", "muon"):
+            raise AnalysisError(f"--optimizers: {o!r} is not adamw or muon")
+    specs = listed(args.norms)
+    for spec in specs:
+        norm_spec(spec)
+    lrs, seeds = parse_lrs(args.lrs), seeds_of(args.seeds)
+    for o in optimizers:
+        for spec in specs:
+            if not any(k in lrs for k in (f"{o}:{spec}", f"{o}:*", spec, "*")):
+                raise AnalysisError(f"--lrs gives no learning rates for {o}:{spec}; add {o}:{spec}=... or a default")
+    name = f"recipe_gpt{args.tag}"
+    out_root = os.path.abspath(args.out_dir)
+
+    def summarize(runs):
+        rows = recipe_rows(runs, seeds)
+        write_table(rows, args.results, name,
+                    f"Small GPT by norm under Muon or AdamW with warmup-stable-decay: val loss (nats) on "
+                    f"{args.data}'s validation split, mean and sample std over seeds {args.seeds} at each "
+                    f"budget's best lr (swept at seed {seeds[0]}); gap_to_rms under the same optimizer", quiet=True)
+        return rows
+
+    study = Study(args, name, f"Every run of `studies/gpt_norms.py recipe` (data {args.data}, batch {BATCH_TOKENS} "
+                  f"tokens, warmup {warmup} steps, decay over the last {args.decay_fraction:g} of each budget, "
+                  f"branched from the longest run {args.train_args}): val loss (nats); lr is the optimizer's --lr "
+                  f"(Muon: --muon_lr, AdamW on the rest at --adamw_lr)",
+                  ("width", "optimizer", "steps_budget", "norm", "lr", "seed"), summarize)
+
+    def cell(width, opt, spec):
+        norm, init_flags = norm_spec(spec)
+        sweep_lrs = next(lrs[k] for k in (f"{opt}:{spec}", f"{opt}:*", spec, "*") if k in lrs)
+        base = (["--norm", norm] + init_flags + width_flags(width) +
+                ["--data", data, "--optimizer", opt, "--schedule", "wsd", "--warmup_steps", str(warmup),
+                 "--eval_interval", "0", "--eval_tokens", str(10 ** 9), "--ckpt_interval", str(args.ckpt_interval),
+                 "--sample_tokens", "0", "--device", args.device] + shlex.split(args.train_args))
+
+        def lr_flags(lr):
+            return (["--muon_lr", f"{lr:g}", "--lr", f"{args.adamw_lr:g}"] if opt == "muon" else ["--lr", f"{lr:g}"])
+
+        def runs_at(lr, seed):
+            """The long run, then a branch per shorter budget: {budget: val loss}."""
+            tag = f"w{width}_{opt}_wsd_{spec.replace('@', '_at')}_lr{lr:g}_s{seed}"
+            fields = lambda n: {"width": width, "optimizer": opt, "schedule": "wsd", "steps_budget": n,
+                                "norm": spec, "lr": lr, "seed": seed, "tokens": n * BATCH_TOKENS}
+            longest = budgets[-1]
+            long_dir = os.path.join(out_root, f"{tag}_{longest}st")
+            keep = ",".join(str(plan[n][1]) for n in budgets[:-1])
+            out = {longest: study.run({**fields(longest), "branched_from": ""},
+                                      base + lr_flags(lr) + ["--seed", str(seed), "--max_steps", str(longest),
+                                                             "--decay_steps", str(plan[longest][0])]
+                                      + (["--keep_ckpts", keep] if keep else []), long_dir)}
+            for n in budgets[:-1]:
+                kept = os.path.join(long_dir, f"ckpt_step{plan[n][1]}.pt")
+                out[n] = study.run({**fields(n), "branched_from": f"{os.path.basename(long_dir)} step {plan[n][1]}"},
+                                   base + lr_flags(lr) + ["--seed", str(seed), "--max_steps", str(n), "--decay_steps",
+                                                          str(plan[n][0]), "--branch_from", kept],
+                                   os.path.join(out_root, f"{tag}_{n}st"))
+            return out
+
+        def go():
+            sweep = {lr: runs_at(lr, seeds[0]) for lr in sweep_lrs}
+            for _ in range(args.extend):  # an edge winner at any budget is not known to be the best
+                best = {n: min(sweep, key=lambda lr: sweep[lr][n]) for n in budgets}
+                edges = {lr for lr in best.values() if lr in (min(sweep), max(sweep))}
+                if not edges or len(sweep) < 2:
+                    break
+                for lr in edges:
+                    new = lr * 2 if lr == max(sweep) else lr / 2
+                    sweep[new] = runs_at(new, seeds[0])
+            for lr in sorted({min(sweep, key=lambda lr: sweep[lr][n]) for n in budgets}):
+                for seed in seeds[1:]:
+                    runs_at(lr, seed)
+        return go
+
+    return study.go([cell(w, o, spec) for w in widths for o in optimizers for spec in specs])
+
+
+# ---------------------------------------------------------------------------------------------
 # saturation: why gamma 1 stalls (a trace over the first steps of the default run)
 
 
@@ -670,6 +804,21 @@ def build_parser():
     p.add_argument("--warmup_fraction", type=float, default=1 / 9, help="warmup steps / steps")
     p.add_argument("--ckpt_interval", type=int, default=500, help="steps between a run's checkpoints")
 
+    p = common(sub.add_parser("recipe", help="the budget study under Muon/AdamW and warmup-stable-decay, "
+                              "shorter budgets branched from one long run"), "recipe")
+    p.set_defaults(norms="rms,dyt,derf,derf@a0.3")
+    p.add_argument("--data", default="data/pydocs", help="a prepared token directory (or 'default')")
+    p.add_argument("--widths", default="64", help="model widths (multiples of 32)")
+    p.add_argument("--steps", default="450,1800,7200", help=f"budgets in steps of {BATCH_TOKENS} tokens")
+    p.add_argument("--optimizers", default="muon,adamw")
+    p.add_argument("--lrs", default="muon:*=0.01,0.02,0.04;adamw:rms=4e-3,8e-3,16e-3;adamw:*=1e-3,2e-3,4e-3",
+                   help="the sweep at the first seed: OPT:NORM=... (Muon's --muon_lr; AdamW's --lr)")
+    p.add_argument("--adamw_lr", type=float, default=4e-3, help="under Muon: the AdamW lr of the embedding, "
+                   "head and 1-d parameters (this study's AdamW budget winners: 2e-3 to 8e-3)")
+    p.add_argument("--decay_fraction", type=float, default=0.2, help="each budget's decay share (nanochat's 0.2)")
+    p.add_argument("--warmup_fraction", type=float, default=1 / 9, help="warmup steps / the smallest budget")
+    p.add_argument("--ckpt_interval", type=int, default=500, help="steps between a run's checkpoints")
+
     p = common(sub.add_parser("saturation", help="residual RMS and saturated DyT inputs over training"),
                "sweeps", runs=False)
     p.set_defaults(norms="dyt@g1,dyt,rms")
@@ -684,7 +833,7 @@ def main(argv=None):
     if getattr(args, "jobs", 1) < 1 or getattr(args, "threads", 1) < 1 or getattr(args, "n", 1) < 1:
         raise AnalysisError("--jobs, --threads and --n must be >= 1")
     tc.ensure_writable_dir(args.results, "--results")  # before the work, not after it
-    return {"norms": cmd_norms, "budget": cmd_budget, "saturation": cmd_saturation}[args.command](args)
+    return {"norms": cmd_norms, "budget": cmd_budget, "recipe": cmd_recipe, "saturation": cmd_saturation}[args.command](args)
 
 
 if __name__ == "__main__":

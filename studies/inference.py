@@ -156,7 +156,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("out", "inference"), help="where the Markdown goes "
                    "(the committed one: --out results)")
     p.add_argument("--norms", default="dyt,rms")
-    p.add_argument("--sample_tokens", type=int, default=600)
+    p.add_argument("--sample_tokens", default="200,600", help="sample lengths (the default GPT's "
+                   "block is 256: past it the window slides and each step runs the whole window)")
     p.add_argument("--eval_batches", type=int, default=4, help="batches of 16 x 256 tokens a round")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
@@ -177,9 +178,12 @@ def main(argv=None):
               "median (quartiles), and the median seconds a round", "",
               "| norm | what | variant | speedup | seconds | tokens/s |", "|---|---|---|---|---|---|"]
     for norm in a.norms.split(","):
-        sampling, evaluation, eval_tokens = speed(norm, a.sample_tokens, a.eval_batches, a.rounds)
-        for what, res, tokens in ((f"sampling {a.sample_tokens} tokens", sampling, a.sample_tokens),
-                                  (f"eval {eval_tokens:,} tokens", evaluation, eval_tokens)):
+        results = []
+        for n in (int(t) for t in a.sample_tokens.split(",")):
+            sampling, evaluation, eval_tokens = speed(norm, n, a.eval_batches, a.rounds)
+            results.append((f"sampling {n} tokens", sampling, n))
+        results.append((f"eval {eval_tokens:,} tokens", evaluation, eval_tokens))
+        for what, res, tokens in results:
             for name, (med, q1, q3, secs) in res.items():
                 lines.append(f"| {norm} | {what} | {name} | {med:.2f}x ({q1:.2f}-{q3:.2f}) | {secs:.3f} | {tokens / secs:,.0f} |")
                 print(lines[-1], flush=True)

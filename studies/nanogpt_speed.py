@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench import device_tag, environment, quantile, separator, synchronize, write_results  # noqa: E402
+from bench import device_tag, environment, quantile  # noqa: E402
+from studies.kernel_lab import separator, synchronize, write_results  # noqa: E402
 from model import GPT, GPTConfig, apply_rope  # noqa: E402
 from train_common import _Parser, build_optimizer, setup_float_math  # noqa: E402
 from train_gpt import GPTTrainConfig  # noqa: E402
@@ -69,7 +70,7 @@ class AblatedAttention(nn.Module):
             self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, rotation):
+    def forward(self, x, rotation, cache=None):  # cache: GPTAttention's signature; timing only, unused
         B, T, C = x.shape
         heads = (B, T, self.n_head, self.head_dim)
         if self.wqkv is not None:

@@ -355,3 +355,30 @@ def test_vit_study_without_data_names_the_fix(tmp_path, capsys):
         tc.main_guard(vit_norms.main, vit_study(tmp_path, tmp_path / "empty", "--norms", "ln"))
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "apt-get install dataset-fashion-mnist" in err, err
+
+
+def test_recipe_study_branches_every_shorter_budget_from_one_long_run(tmp_path, capsys):
+    """Muon and AdamW under warmup-stable-decay: per (optimizer, norm, lr, seed) one long run
+    keeps its stable-phase checkpoint, the shorter budget branches from it; the table records
+    every run with its optimizer, schedule and branch, and --reuse trains nothing again."""
+    data.default_data_dir()
+    argv = ["recipe", "--data", "default", "--widths", "32", "--steps", "9,18", "--decay_fraction", "0.34",
+            "--norms", "rms,dyt", "--optimizers", "muon,adamw", "--lrs", "muon:*=0.02;adamw:*=4e-3",
+            "--seeds", "0,1", "--extend", "0", "--out_dir", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res"), "--train_args", TINY, "--jobs", "2"]
+    rows = gpt_norms.main(argv)
+    assert sorted((r["optimizer"], r["steps"], r["norm"]) for r in rows) == sorted(
+        (o, s, n) for o in ("muon", "adamw") for s in (9, 18) for n in ("rms", "dyt"))
+    assert all(r["seeds"] == 2 and r["schedule"] == "wsd" for r in rows)
+    runs = table(tmp_path / "res" / "recipe_gpt_runs.csv")
+    assert len(runs) == 2 * 2 * 2 * 2  # optimizer x norm x seed x budget
+    short = [r for r in runs if r["steps_budget"] == "9"]
+    assert all(r["branched_from"].endswith("_18st step 6") for r in short)  # 9 - round(0.34 * 9)
+    assert all(r["branched_from"] == "" for r in runs if r["steps_budget"] == "18")
+    assert all(int(r["steps"]) == int(r["steps_budget"]) and r["status"] == "ok" for r in runs)
+    by = {(r["optimizer"], r["steps"], r["norm"]): r for r in rows}
+    assert "gap_to_rms" in by[("muon", 9, "dyt")] and "gap_se" in by[("muon", 9, "dyt")]
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+    assert gpt_norms.main(argv + ["--reuse"]) == rows and "--- start" not in capsys.readouterr().out
