@@ -320,17 +320,17 @@ def shapes(device):
     return {"LLaMA 7B": (512, 4096), "ViT-B": (8, 197, 768)}
 
 
-def time_row(fn, params, kind, shape, dtype, device, backward, compiled):
-    """(median ms, largest relative error against float64) of fn at one shape and direction."""
-    n = math.prod(shape)
-    elem = torch.finfo(dtype).bits // 8
-    buffers = make_buffers(shape, dtype, device, backward, 4 * l2_bytes(device))
+def checked_call(fn, params, kind, buffers, dtype, device, backward, compiled=False):
+    """(call, errors): fn's errors against float64 on the first buffers (outputs NaN-poisoned
+    first; a wrong one raises Unavailable), and a call() that runs it on the next buffers in
+    turn, forward (under no_grad) or forward+backward."""
     x0, dy0 = buffers[0]
-    with nan_poisoned(device, [n * elem] * (2 if backward else 1), compiled):
+    n, elem, C = x0.numel(), x0.element_size(), x0.shape[-1]
+    with nan_poisoned(device, [n * elem] * (2 if backward else 1) + [4 * 8 * C] * 8, compiled):
         errs = check(kind, fn, params, x0, dy0)
     bad = {k: v for k, v in errs.items() if not v <= tolerance(dtype, k)}  # NaN fails too
     if bad:
-        raise Unavailable("wrong against float64: " + ", ".join(f"{k} {v:.1e}" for k, v in bad.items()))
+        raise Unavailable("wrong result against float64: " + ", ".join(f"{k} {v:.2e}" for k, v in bad.items()))
     rotation = itertools.cycle(buffers)
     if backward:
         def call():
@@ -340,6 +340,13 @@ def time_row(fn, params, kind, shape, dtype, device, backward, compiled):
         def call():
             with torch.no_grad():
                 fn(next(rotation)[0])
+    return call, errs
+
+
+def time_row(fn, params, kind, shape, dtype, device, backward, compiled):
+    """(median ms, largest relative error against float64) of fn at one shape and direction."""
+    buffers = make_buffers(shape, dtype, device, backward, 4 * l2_bytes(device))
+    call, errs = checked_call(fn, params, kind, buffers, dtype, device, backward, compiled)
     return time_call(call, device)[1], max(errs.values())
 
 

@@ -45,9 +45,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import (DTYPES, EPS, Unavailable, bandwidth_gbps, build_compiled,  # noqa: E402
-                   build_plain, bytes_forward, bytes_forward_backward, check,
+                   build_plain, bytes_forward, bytes_forward_backward, checked_call,
                    device_tag, environment, l2_bytes, load_kernel, make_buffers, measure_copy_bandwidth,
-                   nan_poisoned, quantile, random_params, time_call, tolerance)
+                   quantile, random_params, time_call)
 from dyt import use_kernel  # noqa: E402
 from model import GPT, ViT, GPT_PRESETS, gpt_config, vit_config  # noqa: E402
 
@@ -289,25 +289,11 @@ def bench_kernels(args, device, record=lambda row: None):
                            bytes_vs_l2=n_bytes / l2)
                 try:
                     fn, params = build(shape[-1], dtype, device)
-                    x0, dy0 = buffers[0]
-                    out_bytes = [n * elem] * (2 if backward else 1) + [4 * 8 * shape[-1]] * 8
-                    with kernel_options(fn), nan_poisoned(device, out_bytes, "compile" in name):
-                        errs = check(kind, fn, params, x0, dy0)
+                    with kernel_options(fn):
+                        call, errs = checked_call(fn, params, kind, buffers, dtype, device, backward,
+                                                  "compile" in name)
                     row["rel_errs"] = errs
                     row["rel_err"] = max(errs.values())
-                    bad = {k: v for k, v in errs.items() if not v <= tolerance(dtype, k)}  # NaN too
-                    if bad:
-                        raise Unavailable("wrong result against float64: " + ", ".join(
-                            f"{k} {v:.2e}" for k, v in bad.items()))
-                    rotation = itertools.cycle(buffers)
-                    if backward:
-                        def call():
-                            x, dy = next(rotation)
-                            torch.autograd.grad(fn(x), [x] + params, dy)
-                    else:
-                        def call():
-                            with torch.no_grad():
-                                fn(next(rotation)[0])
                     with kernel_options(fn):
                         p20, ms, p80 = time_call(call, device)
                         if cuda and not args.no_graphs:
