@@ -330,12 +330,11 @@ def norm_consumers(model):
     out = {}
     for name in modules:
         parent, _, leaf = name.rpartition(".")
-        rules = [(r, lins) for r, lins in CONSUMERS_BY_NAME if r == leaf]
-        rules += [(name, lins) for n, lins in FINAL_BY_NAME.items() if n == name]
-        for _, linears in rules:
-            full = [f"{parent}.{l}" if parent and name not in FINAL_BY_NAME else l for l in linears]
-            if all(isinstance(modules.get(f), nn.Linear) for f in full):
-                out[name] = full
+        prefix = f"{parent}." if parent else ""
+        linears = FINAL_BY_NAME.get(name) or [prefix + l for rule, lins in CONSUMERS_BY_NAME if rule == leaf
+                                              for l in lins]
+        if linears and all(isinstance(modules.get(f), nn.Linear) for f in linears):
+            out[name] = linears
     return out
 
 

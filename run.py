@@ -54,6 +54,7 @@ class Run:
         self.lock = self.signals = self.dist = self.logger = self.bar = self.ckpt = None
         self.start = self.total = self.step = 0  # self.step: the step running now, from 1
         self.signalled = self.stopping = False
+        self.keep = set()  # --keep_ckpts, checked against the run's length in checkpointer()
         self._t0 = time.perf_counter()
 
     def __enter__(self):
@@ -177,7 +178,7 @@ class Run:
         self.signalled = self.signals.should_stop(self.dist.device)
         self.stopping = done == self.cfg.stop_at and done < self.total
         return (self.due(done, self.cfg.ckpt_interval) or self.stopping or self.signalled
-                or done in getattr(self, "keep", ()))
+                or done in self.keep)
 
     def log(self, row):
         self.logger.log(row)

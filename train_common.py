@@ -529,21 +529,19 @@ def build_optimizer(model, cfg, device):
     and MLP weights) go to torch.optim.Muon instead (Keller Jordan's lr adjustment by shape)."""
     from model import param_groups
     module = unwrap(model)
-    fused = device.type in ("cuda", "cpu")
-    if cfg.optimizer == "muon":
-        matrices = {id(p) for n, p in module.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
-        muon = torch.optim.Muon([p for p in module.parameters() if id(p) in matrices], lr=cfg.muon_lr,
-                                weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="original")
-        for g in muon.param_groups:
-            g["lr_ratio"] = cfg.muon_lr / cfg.lr
-        groups = [{**g, "params": [p for p in g["params"] if id(p) not in matrices]}
-                  for g in param_groups(module, cfg.weight_decay)]
-        adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=fused)
-        return MuonAdamW(muon, adamw)
-    groups = param_groups(module, cfg.weight_decay)
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    matrices = ({id(p) for n, p in module.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+                if cfg.optimizer == "muon" else set())
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in matrices]}
+              for g in param_groups(module, cfg.weight_decay)]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              fused=device.type in ("cuda", "cpu"))
+    if not matrices:
+        return adamw
+    muon = torch.optim.Muon([p for p in module.parameters() if id(p) in matrices], lr=cfg.muon_lr,
+                            weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="original")
+    for g in muon.param_groups:
+        g["lr_ratio"] = cfg.muon_lr / cfg.lr
+    return MuonAdamW(muon, adamw)
 
 
 def accumulation_steps(global_batch, micro_batch, world_size, unit="sequences"):
